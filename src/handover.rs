@@ -1,0 +1,77 @@
+//! The fork/exec handover: the old process starts its successor, streams its state to it, and
+//! waits until it is ready. If anything fails, the successor is killed and reaped and the old
+//! process carries on as if nothing happened: its listeners were never closed.
+
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use nix::fcntl::OFlag;
+
+use crate::inherit::{self, Mode};
+use crate::lifecycle::{STATE_FD, send_state};
+use crate::restart::{Context, Handover, RestartError};
+use crate::successor::Successor;
+use crate::systemd;
+
+/// One restart in the fork/exec lifecycle.
+pub(crate) async fn restart(ctx: &mut Context) -> Result<Handover, RestartError> {
+    ctx.handler.pre_new_process().await;
+    let started = Instant::now();
+    let result = start_and_confirm(ctx, started).await;
+    if result.is_err() {
+        ctx.handler.new_process_failed().await;
+    }
+    result
+}
+
+async fn start_and_confirm(ctx: &mut Context, started: Instant) -> Result<Handover, RestartError> {
+    let timeout = ctx.config.startup_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Tokio makes our end non-blocking; the successor's end is its own open file description.
+    let (state_r, state_w): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| RestartError::Spawn(e.into()))?;
+    let mut successor = Successor::start(
+        &ctx.spawner,
+        ctx.program.clone(),
+        &ctx.config.environment,
+        &ctx.config.registry,
+        vec![(STATE_FD.to_owned(), state_r)],
+        Mode::Serve,
+    )
+    .await
+    .map_err(RestartError::Spawn)?;
+    let pid = successor.pid.as_raw() as u32;
+    tracing::info!(pid, elapsed = ?started.elapsed(), "restart: successor spawned");
+
+    let sink = tokio::net::unix::pipe::Sender::from_owned_fd(state_w).map_err(RestartError::Io)?;
+    let sent = tokio::select! {
+        r = send_state(&mut *ctx.handler, sink, inherit::generation()) => r,
+        _ = tokio::time::sleep_until(deadline) => Err(format!("not done after {} s", timeout.as_secs_f64())),
+    };
+    if let Err(why) = sent {
+        let status = successor.kill_and_reap().await;
+        tracing::warn!(
+            pid,
+            "restart: sending the state failed ({why}); successor {status}"
+        );
+        return Err(RestartError::StateSend(why));
+    }
+    tracing::info!(pid, elapsed = ?started.elapsed(), "restart: state sent");
+
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if let Err(why) = successor.wait_ready(remaining).await {
+        let why = match why {
+            // Report the whole start-up timeout, not what was left of it.
+            crate::successor::NotReady::Timeout(_) => crate::successor::NotReady::Timeout(timeout),
+            other => other,
+        };
+        return Err(RestartError::from_not_ready(pid, why));
+    }
+    tracing::info!(pid, elapsed = ?started.elapsed(), "restart: successor ready");
+    systemd::notify(&[sd_notify::NotifyState::MainPid(pid)]);
+    successor.reap_in_background();
+    Ok(Handover {
+        new_pid: Some(pid),
+        exit_code: 0,
+    })
+}

@@ -1,0 +1,530 @@
+//! The wire format of inherited descriptors, in one place.
+//!
+//! Descriptors reach a process in one of two ways, both described in its environment:
+//!
+//! * **From a parent generation** (fork/exec handover): `SHELLFLIP_FDS=n`,
+//!   `SHELLFLIP_FDNAMES=a:b:…` and `SHELLFLIP_PPID=<pid of the parent>`, with the descriptors at
+//!   numbers `3..3+n`, plus `SHELLFLIP_GENERATION` and `SHELLFLIP_MODE` (`serve` or `validate`).
+//! * **From systemd** (socket activation or the file descriptor store): `LISTEN_FDS`,
+//!   `LISTEN_FDNAMES` and `LISTEN_PID`, with the same layout (see `sd_listen_fds(3)`).
+//!
+//! Both lists are read once, checked, and kept in one process-wide set from which the
+//! [`Registry`](crate::Registry) adopts descriptors by name. The variables are only trusted when
+//! they were meant for this process: `LISTEN_PID` must be our PID and `SHELLFLIP_PPID` our
+//! parent's, so a program that inherited the environment by accident ignores them. Every
+//! descriptor named there must be open; it is made close-on-exec as soon as it is read, so it
+//! never leaks into a program the service starts.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+
+/// The first descriptor number of an inherited list (after stdin, stdout and stderr).
+pub(crate) const FIRST_FD: RawFd = 3;
+/// Most descriptors accepted in one inherited list (systemd's own store limit is 4096 by default).
+const MAX_FDS: usize = 65_536;
+
+pub(crate) const ENV_PPID: &str = "SHELLFLIP_PPID";
+pub(crate) const ENV_FDS: &str = "SHELLFLIP_FDS";
+pub(crate) const ENV_FDNAMES: &str = "SHELLFLIP_FDNAMES";
+pub(crate) const ENV_GENERATION: &str = "SHELLFLIP_GENERATION";
+pub(crate) const ENV_MODE: &str = "SHELLFLIP_MODE";
+const LISTEN_PID: &str = "LISTEN_PID";
+const LISTEN_FDS: &str = "LISTEN_FDS";
+const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+
+/// Every variable of the protocol: none of them may reach a program the service starts.
+pub(crate) const PROTOCOL_VARS: &[&str] = &[
+    ENV_PPID,
+    ENV_FDS,
+    ENV_FDNAMES,
+    ENV_GENERATION,
+    ENV_MODE,
+    LISTEN_PID,
+    LISTEN_FDS,
+    LISTEN_FDNAMES,
+];
+
+/// Names starting with this prefix are the library's own (state, readiness, control socket).
+pub(crate) const RESERVED_PREFIX: &str = "shellflip.";
+
+/// A descriptor list in the environment that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InheritError {
+    /// A variable of the protocol does not parse.
+    #[error("environment variable {var}={value:?} is malformed: {why}")]
+    Malformed {
+        /// The variable.
+        var: &'static str,
+        /// Its value, as far as it is text.
+        value: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A descriptor named in the environment is not open in this process.
+    #[error("descriptor {fd} ({name:?}) named in {var} is not open in this process")]
+    NotOpen {
+        /// The variable that names it.
+        var: &'static str,
+        /// Its number.
+        fd: RawFd,
+        /// Its name.
+        name: String,
+    },
+}
+
+/// How this process was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Origin {
+    /// Started fresh: nothing was handed over (systemd socket activation may still have passed
+    /// listeners).
+    Fresh,
+    /// Started by the previous generation through the fork/exec handover.
+    Parent,
+    /// Started by systemd with descriptors from its file descriptor store.
+    Systemd,
+}
+
+/// What the parent asked this process to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Take over and serve.
+    Serve,
+    /// Only check that the state handed over is acceptable, report, and exit (B6).
+    Validate,
+}
+
+/// The process-wide set of inherited descriptors, read once from the environment.
+#[derive(Debug)]
+pub(crate) struct Inherited {
+    pub(crate) origin: Origin,
+    pub(crate) mode: Mode,
+    pub(crate) generation: u64,
+    fds: BTreeMap<String, OwnedFd>,
+    /// The program to start for a restart: argv\[0\] made absolute when the process started.
+    pub(crate) executable: Option<PathBuf>,
+}
+
+static INHERITED: OnceLock<Mutex<Result<Inherited, InheritError>>> = OnceLock::new();
+
+/// Reads the environment once; every later call returns the same set.
+pub(crate) fn inherited() -> MutexGuard<'static, Result<Inherited, InheritError>> {
+    INHERITED
+        .get_or_init(|| Mutex::new(read_environment(&|k| std::env::var_os(k))))
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads the inherited descriptors from the environment and removes the library's variables
+/// from it, so that no program the service starts later sees them.
+///
+/// Call it first thing in `main`, before any thread exists (before a tokio runtime is built).
+/// Without it the library still reads the environment on first use and never passes its
+/// variables to a process it starts itself, but programs the service starts with
+/// [`std::process::Command`] would inherit them (they are harmless there: their PID checks fail
+/// and the descriptors are close-on-exec, but they are noise).
+///
+/// Returns how the process was started.
+///
+/// # Safety
+///
+/// This calls [`std::env::remove_var`]: no other thread may read or write the environment at
+/// the same time. Calling it before any other thread is started is sound.
+///
+/// # Examples
+///
+/// ```
+/// // First thing in main, before any thread exists.
+/// // SAFETY: no other thread exists yet.
+/// let origin = unsafe { shellflip::init_from_env() };
+/// println!("started as {origin:?}");
+/// // ... build the tokio runtime afterwards.
+/// ```
+pub unsafe fn init_from_env() -> Result<Origin, InheritError> {
+    let origin = inherited().as_ref().map(|i| i.origin).map_err(Clone::clone);
+    for var in PROTOCOL_VARS {
+        // SAFETY: the caller promises that no other thread touches the environment now.
+        unsafe { std::env::remove_var(var) };
+    }
+    origin
+}
+
+/// How this process was started: fresh, by its parent generation, or by systemd from its store.
+///
+/// An environment that describes descriptors wrongly counts as [`Origin::Fresh`]; the error is
+/// returned by the [`Registry`](crate::Registry) calls that would have adopted them.
+pub fn origin() -> Origin {
+    inherited()
+        .as_ref()
+        .map(|i| i.origin)
+        .unwrap_or(Origin::Fresh)
+}
+
+/// The generation of this process: 0 when started fresh, one more than its predecessor's after
+/// a restart. In the systemd lifecycle the generation travels with the state, so it is known
+/// once [`receive_from_old_process`](crate::receive_from_old_process) has read it.
+pub fn generation() -> u64 {
+    inherited().as_ref().map(|i| i.generation).unwrap_or(0)
+}
+
+/// True when this process was started only to check a state handed over by the running
+/// generation (the systemd lifecycle's validation run, B6). Such a run exits as soon as it
+/// declares itself ready, and must not do anything lasting before that.
+pub fn is_validation_run() -> bool {
+    inherited()
+        .as_ref()
+        .map(|i| i.mode == Mode::Validate)
+        .unwrap_or(false)
+}
+
+pub(crate) fn set_generation(generation: u64) {
+    if let Ok(i) = inherited().as_mut() {
+        i.generation = generation;
+    }
+}
+
+impl Inherited {
+    /// Borrows an inherited descriptor by name, to validate it before taking it.
+    pub(crate) fn peek(&self, name: &str) -> Option<BorrowedFd<'_>> {
+        self.fds.get(name).map(|fd| fd.as_fd())
+    }
+
+    /// Takes an inherited descriptor out of the set (only once it was validated).
+    pub(crate) fn take(&mut self, name: &str) -> Option<OwnedFd> {
+        self.fds.remove(name)
+    }
+
+    /// The names still in the set, in order.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.fds.keys().cloned().collect()
+    }
+}
+
+/// Parses the environment through `get` (the process environment, or a map in tests).
+fn read_environment(get: &dyn Fn(&str) -> Option<OsString>) -> Result<Inherited, InheritError> {
+    let executable = get_executable(get);
+    let mut inherited = Inherited {
+        origin: Origin::Fresh,
+        mode: Mode::Serve,
+        generation: 0,
+        fds: BTreeMap::new(),
+        executable,
+    };
+    let ours = get(ENV_PPID).is_some();
+    if ours {
+        let ppid = parse_number(ENV_PPID, get(ENV_PPID))?;
+        if ppid != u64::from(std::os::unix::process::parent_id()) {
+            tracing::warn!(
+                "{ENV_PPID}={ppid} is not this process's parent: ignoring inherited descriptors"
+            );
+        } else {
+            inherited.generation = match get(ENV_GENERATION) {
+                Some(v) => parse_number(ENV_GENERATION, Some(v))?,
+                None => 0,
+            };
+            inherited.mode = match get(ENV_MODE).as_deref().and_then(OsStr::to_str) {
+                None | Some("serve") => Mode::Serve,
+                Some("validate") => Mode::Validate,
+                Some(other) => {
+                    return Err(malformed(ENV_MODE, other, "expected serve or validate"));
+                }
+            };
+            inherited.origin = Origin::Parent;
+            inherited.fds = read_list(get, ENV_FDS, ENV_FDNAMES)?;
+            return Ok(inherited);
+        }
+    }
+    if let Some(pid) = get(LISTEN_PID) {
+        let pid = parse_number(LISTEN_PID, Some(pid))?;
+        if pid != u64::from(std::process::id()) {
+            tracing::debug!("{LISTEN_PID}={pid} is not this process: ignoring {LISTEN_FDS}");
+        } else {
+            inherited.fds = read_list(get, LISTEN_FDS, LISTEN_FDNAMES)?;
+            if inherited.fds.keys().any(|n| n.starts_with(RESERVED_PREFIX)) {
+                inherited.origin = Origin::Systemd;
+            }
+        }
+    }
+    Ok(inherited)
+}
+
+/// argv\[0\] as an absolute path, resolved against `$PATH` or the current directory now, at
+/// start-up: a binary replaced on disk at that path is the one a restart starts. Symbolic links
+/// are kept, so a deployment that switches a link is followed.
+fn get_executable(get: &dyn Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    let argv0 = PathBuf::from(std::env::args_os().next()?);
+    if argv0.is_absolute() {
+        return Some(argv0);
+    }
+    if argv0.components().count() > 1 {
+        return std::env::current_dir().ok().map(|d| d.join(argv0));
+    }
+    let path = get("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(&argv0))
+        .find(|candidate| is_executable(candidate))
+        .and_then(|p| {
+            if p.is_absolute() {
+                Some(p)
+            } else {
+                std::env::current_dir().ok().map(|d| d.join(p))
+            }
+        })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+fn read_list(
+    get: &dyn Fn(&str) -> Option<OsString>,
+    count_var: &'static str,
+    names_var: &'static str,
+) -> Result<BTreeMap<String, OwnedFd>, InheritError> {
+    let Some(count) = get(count_var) else {
+        return Ok(BTreeMap::new());
+    };
+    let count = parse_number(count_var, Some(count))? as usize;
+    if count > MAX_FDS {
+        return Err(malformed(
+            count_var,
+            &count.to_string(),
+            "too many descriptors",
+        ));
+    }
+    let names = match get(names_var) {
+        Some(v) => {
+            let text = v
+                .to_str()
+                .ok_or_else(|| malformed(names_var, &v.to_string_lossy(), "not UTF-8"))?
+                .to_owned();
+            let names: Vec<String> = if text.is_empty() && count == 0 {
+                Vec::new()
+            } else {
+                text.split(':').map(str::to_owned).collect()
+            };
+            if names.len() != count {
+                return Err(malformed(
+                    names_var,
+                    &text,
+                    "number of names differs from count",
+                ));
+            }
+            names
+        }
+        // systemd without names: they are all called "unknown"; number them to keep them apart.
+        None => (0..count).map(|i| format!("unknown.{i}")).collect(),
+    };
+    // Check every descriptor before owning any, so that a bad list takes nothing.
+    for (i, name) in names.iter().enumerate() {
+        if let Err(why) = check_name(name) {
+            return Err(malformed(names_var, name, why));
+        }
+        let fd = FIRST_FD + i as RawFd;
+        // SAFETY: F_GETFD only reads the descriptor's flags; on a number that is not open it
+        // fails with EBADF. No memory is touched.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            return Err(InheritError::NotOpen {
+                var: count_var,
+                fd,
+                name: name.clone(),
+            });
+        }
+    }
+    let mut fds = BTreeMap::new();
+    for (i, name) in names.into_iter().enumerate() {
+        let raw = FIRST_FD + i as RawFd;
+        // SAFETY: the environment, addressed to this process (PID check above), hands us this
+        // open descriptor (checked above with F_GETFD); nothing else in the process owns it, and
+        // it is taken once, since the environment is read once.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        set_cloexec(&fd);
+        // systemd gives every socket of one .socket unit the same name: keep them all apart.
+        let mut key = name.clone();
+        let mut k = 1;
+        while fds.contains_key(&key) {
+            k += 1;
+            key = format!("{name}#{k}");
+        }
+        fds.insert(key, fd);
+    }
+    Ok(fds)
+}
+
+/// Checks a descriptor name: 1 to 255 printable ASCII characters, no `:` (systemd's rule).
+pub(crate) fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("a name has 1 to 255 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        return Err("a name is printable ASCII without ':' or spaces");
+    }
+    Ok(())
+}
+
+pub(crate) fn set_cloexec(fd: &impl AsFd) {
+    if let Err(e) = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+        tracing::warn!(
+            "cannot set close-on-exec on descriptor {}: {e}",
+            fd.as_fd().as_raw_fd()
+        );
+    }
+}
+
+fn parse_number(var: &'static str, value: Option<OsString>) -> Result<u64, InheritError> {
+    let value = value.unwrap_or_default();
+    let text = value.to_string_lossy();
+    text.parse::<u64>()
+        .map_err(|_| malformed(var, &text, "not a number"))
+}
+
+fn malformed(var: &'static str, value: &str, why: &'static str) -> InheritError {
+    InheritError::Malformed {
+        var,
+        value: value.to_owned(),
+        why,
+    }
+}
+
+/// The environment of a successor: ours without the protocol's variables, plus `extra`, plus
+/// the description of `names` (placed at `3..`) for a child of this process.
+pub(crate) fn successor_environment(
+    extra: &[(OsString, OsString)],
+    names: &[String],
+    generation: u64,
+    mode: Mode,
+) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !PROTOCOL_VARS.iter().any(|v| OsStr::new(v) == k))
+        .filter(|(k, _)| mode == Mode::Serve || k != "NOTIFY_SOCKET")
+        .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+        .collect();
+    env.extend(extra.iter().cloned());
+    let mode = match mode {
+        Mode::Serve => "serve",
+        Mode::Validate => "validate",
+    };
+    for (k, v) in [
+        (ENV_PPID, std::process::id().to_string()),
+        (ENV_FDS, names.len().to_string()),
+        (ENV_FDNAMES, names.join(":")),
+        (ENV_GENERATION, generation.to_string()),
+        (ENV_MODE, mode.to_owned()),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, String)]) -> impl Fn(&str) -> Option<OsString> {
+        let map: HashMap<String, OsString> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn empty_environment_is_fresh() {
+        let i = read_environment(&env(&[])).unwrap();
+        assert_eq!(i.origin, Origin::Fresh);
+        assert!(i.names().is_empty());
+    }
+
+    #[test]
+    fn foreign_listen_pid_is_ignored() {
+        let i = read_environment(&env(&[
+            ("LISTEN_PID", "1".into()),
+            ("LISTEN_FDS", "3".into()),
+            ("LISTEN_FDNAMES", "a:b:c".into()),
+        ]))
+        .unwrap();
+        assert!(i.names().is_empty());
+    }
+
+    #[test]
+    fn foreign_parent_pid_is_ignored() {
+        let i = read_environment(&env(&[
+            (ENV_PPID, "1".into()),
+            (ENV_FDS, "1".into()),
+            (ENV_FDNAMES, "x".into()),
+        ]))
+        .unwrap();
+        assert_eq!(i.origin, Origin::Fresh);
+    }
+
+    #[test]
+    fn malformed_count_is_a_clear_error() {
+        let pid = std::process::id().to_string();
+        let err = read_environment(&env(&[("LISTEN_PID", pid), ("LISTEN_FDS", "two".into())]))
+            .unwrap_err();
+        assert!(err.to_string().contains("LISTEN_FDS"), "{err}");
+        assert!(err.to_string().contains("not a number"), "{err}");
+    }
+
+    #[test]
+    fn names_must_match_count() {
+        let pid = std::process::id().to_string();
+        let err = read_environment(&env(&[
+            ("LISTEN_PID", pid),
+            ("LISTEN_FDS", "2".into()),
+            ("LISTEN_FDNAMES", "only-one".into()),
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, InheritError::Malformed { why, .. } if why.contains("differs")));
+    }
+
+    #[test]
+    fn closed_descriptor_is_a_clear_error() {
+        // A count large enough to reach numbers that are certainly not open in the test process.
+        let pid = std::process::id().to_string();
+        let names: Vec<String> = (0..4000).map(|i| format!("n{i}")).collect();
+        let err = read_environment(&env(&[
+            ("LISTEN_PID", pid),
+            ("LISTEN_FDS", "4000".into()),
+            ("LISTEN_FDNAMES", names.join(":")),
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, InheritError::NotOpen { .. }), "{err}");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        assert!(check_name("http").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a b").is_err());
+        assert!(check_name(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn successor_environment_replaces_protocol_variables() {
+        let env = successor_environment(
+            &[("EXTRA".into(), "1".into())],
+            &["http".into(), "shellflip.ready".into()],
+            7,
+            Mode::Validate,
+        );
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get(ENV_FDS).unwrap(), "2");
+        assert_eq!(get(ENV_FDNAMES).unwrap(), "http:shellflip.ready");
+        assert_eq!(get(ENV_GENERATION).unwrap(), "7");
+        assert_eq!(get(ENV_MODE).unwrap(), "validate");
+        assert_eq!(get("EXTRA").unwrap(), "1");
+        assert!(get("NOTIFY_SOCKET").is_none());
+        assert_eq!(env.iter().filter(|(k, _)| k == ENV_FDS).count(), 1);
+    }
+}

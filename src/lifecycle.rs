@@ -1,0 +1,166 @@
+//! The application's side of a restart: hooks in the old process, the state stream in the new.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::registry::Registry;
+use crate::state::{self, StateError};
+
+/// Where the new process reads the state the old one wrote (see [`receive_from_old_process`]).
+pub type PipeReader = Pin<Box<dyn AsyncRead + Send>>;
+/// Where the old process writes its state for the new one
+/// (see [`LifecycleHandler::send_to_new_process`]).
+pub type PipeWriter = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// Name of the state descriptor handed to the new process.
+pub(crate) const STATE_FD: &str = "shellflip.state";
+
+/// Hooks called in the old process during a restart, in both lifecycles.
+///
+/// Implement it with [`async_trait`](https://docs.rs/async-trait):
+///
+/// ```
+/// use shellflip::lifecycle::{LifecycleHandler, PipeWriter};
+/// use tokio::io::AsyncWriteExt;
+///
+/// struct Counter(u64);
+///
+/// #[async_trait::async_trait]
+/// impl LifecycleHandler for Counter {
+///     async fn send_to_new_process(&mut self, mut state: PipeWriter) -> std::io::Result<()> {
+///         state.write_u64(self.0).await
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait LifecycleHandler: Send {
+    /// Writes the state the new process will read with [`receive_from_old_process`].
+    ///
+    /// The bytes are framed and checksummed by the library, and committed only after this
+    /// returns `Ok`: if it returns an error, the new process never sees a complete state, the
+    /// restart fails with this error's text and the old process keeps serving (fork/exec), or
+    /// the state is discarded (systemd).
+    async fn send_to_new_process(&mut self, _write_pipe: PipeWriter) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Called before the new process is started (fork/exec) or before the state is written
+    /// (systemd).
+    async fn pre_new_process(&mut self) {}
+
+    /// Called when the restart failed after [`send_to_new_process`](Self::send_to_new_process)
+    /// or [`pre_new_process`](Self::pre_new_process): undo what they changed. The old process
+    /// carries on serving.
+    async fn new_process_failed(&mut self) {}
+}
+
+/// A [`LifecycleHandler`] that does nothing: no state crosses.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullLifecycleHandler;
+
+impl LifecycleHandler for NullLifecycleHandler {}
+
+/// What happened to the state at start-up, for the status report.
+static STATE_ON_START: Mutex<Option<String>> = Mutex::new(None);
+
+pub(crate) fn state_on_start() -> String {
+    STATE_ON_START
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(|| "none".into())
+}
+
+fn note(text: String) {
+    *STATE_ON_START.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+}
+
+/// The state the previous generation wrote, or `None` when there is none.
+///
+/// A state that cannot be used (torn by a process killed while writing it, damaged, written by
+/// something else) is reported through `tracing` and treated as no state: the service starts
+/// without it. Use [`try_receive_from_old_process`] to refuse to start instead.
+///
+/// Read the state completely before declaring readiness: a truncated stream ends in an error,
+/// never in a clean end of file. Must be called from within a tokio runtime.
+pub fn receive_from_old_process() -> Option<PipeReader> {
+    match try_receive_from_old_process() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("starting without the previous generation's state: {e}");
+            None
+        }
+    }
+}
+
+/// Like [`receive_from_old_process`], but a state that exists and cannot be used is an error.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// match shellflip::try_receive_from_old_process() {
+///     Ok(Some(_state)) => println!("restarted; reading the state"),
+///     Ok(None) => println!("fresh start"),
+///     Err(e) => eprintln!("refusing to start: {e}"),
+/// }
+/// # }
+/// ```
+pub fn try_receive_from_old_process() -> Result<Option<PipeReader>, StateError> {
+    let fd = match Registry::adopt_internal(STATE_FD) {
+        Ok(Some(fd)) => fd,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(StateError::Io(io::Error::other(e))),
+    };
+    let result = open_state(fd);
+    match &result {
+        Ok(Some(_)) => {}
+        Ok(None) => note("no state was left by the previous generation".into()),
+        Err(e) => note(format!("unusable: {e}")),
+    }
+    result
+}
+
+fn open_state(fd: OwnedFd) -> Result<Option<PipeReader>, StateError> {
+    let meta = std::fs::File::from(fd.try_clone()?).metadata()?;
+    if meta.file_type().is_file() {
+        // A stored state (memfd): verify it whole before handing out a byte.
+        let mut file = std::fs::File::from(fd);
+        let Some(header) = state::verify_file(&mut file)? else {
+            return Ok(None);
+        };
+        let generation = header.generation + 1;
+        crate::inherit::set_generation(generation);
+        note(format!("received from generation {}", header.generation));
+        let reader = state::read_stream(tokio::fs::File::from_std(file));
+        return Ok(Some(Box::pin(reader)));
+    }
+    // A pipe from the parent: verified chunk by chunk as it streams.
+    let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+    note("streamed from the parent generation".into());
+    let reader = state::read_stream(pipe);
+    Ok(Some(Box::pin(reader)))
+}
+
+/// Runs the handler's state writer over `sink` and commits the state when it succeeded.
+/// Returns the handler's own error text when it failed.
+pub(crate) async fn send_state(
+    handler: &mut dyn LifecycleHandler,
+    sink: impl AsyncWrite + Send + 'static,
+    generation: u64,
+) -> Result<(), String> {
+    let writer = state::StateWriter::new(sink, generation);
+    handler
+        .send_to_new_process(Box::pin(writer.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
+    writer
+        .commit()
+        .await
+        .map_err(|e| format!("cannot commit the state: {e}"))
+}

@@ -1,0 +1,634 @@
+//! The registry of named descriptors: what crosses from one generation to the next.
+//!
+//! The service asks the registry for "TCP listener `http` on 127.0.0.1:8080". In the first
+//! generation the registry binds it; in every later one it adopts the inherited socket of that
+//! name, whichever lifecycle handed it over (our fork/exec handover, systemd socket activation,
+//! or systemd's file descriptor store). Either way the registry keeps the descriptor, so that the
+//! next restart hands it on, and gives the service a duplicate that is **non-blocking and
+//! close-on-exec**, ready for `tokio`'s `from_std`.
+//!
+//! An inherited descriptor is validated before it is adopted (`SO_TYPE`, address family,
+//! `SO_ACCEPTCONN`) and taken out of the inherited set only when that succeeded.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::sys::socket::{
+    AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
+};
+
+use crate::inherit::{self, InheritError, RESERVED_PREFIX};
+
+/// What a registered descriptor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Kind {
+    /// A listening TCP socket.
+    TcpListener,
+    /// A UDP socket.
+    UdpSocket,
+    /// A listening Unix stream socket.
+    UnixListener,
+    /// A Unix datagram socket.
+    UnixDatagram,
+    /// A connected TCP socket (an accepted connection).
+    TcpStream,
+    /// A connected Unix stream socket.
+    UnixStream,
+    /// Any other descriptor (a memfd, a pipe, a file).
+    Other,
+}
+
+/// A descriptor that could not be registered or adopted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The environment describing inherited descriptors is wrong.
+    #[error(transparent)]
+    Inherit(#[from] InheritError),
+    /// The name is not allowed.
+    #[error("invalid descriptor name {name:?}: {why}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// Why.
+        why: &'static str,
+    },
+    /// The inherited descriptor of that name is not of the kind asked for.
+    #[error("inherited descriptor {name:?} is not a {expected:?}: {found}")]
+    WrongKind {
+        /// The name.
+        name: String,
+        /// The kind asked for.
+        expected: Kind,
+        /// What it is.
+        found: String,
+    },
+    /// The inherited socket of that name is bound to another address than the one asked for.
+    #[error(
+        "inherited listener {name:?} is bound to {inherited}, but {requested} was asked for; \
+         use a new name, or `replace_*` to rebind it on purpose"
+    )]
+    AddressChanged {
+        /// The name.
+        name: String,
+        /// Where the inherited socket is bound.
+        inherited: String,
+        /// What was asked for.
+        requested: String,
+    },
+    /// A descriptor of that name is already registered in this process.
+    #[error("a descriptor named {0:?} is already registered")]
+    Duplicate(String),
+    /// An inherited connection came back closed (its peer left during the restart). It was
+    /// dropped, and removed from systemd's store.
+    #[error("inherited connection {0:?} is closed")]
+    ConnectionClosed(String),
+    /// Binding or another system call failed.
+    #[error("{what} {name:?}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where descriptors are kept between generations, besides this process (systemd's store).
+pub(crate) trait Keeper: Send + Sync {
+    fn keep(&self, name: &str, fd: BorrowedFd<'_>);
+    fn discard(&self, name: &str);
+}
+
+struct Entry {
+    kind: Kind,
+    fd: OwnedFd,
+    /// For a Unix socket bound here: its path, removed when the service stops for good.
+    path: Option<PathBuf>,
+    /// Whether it came from the environment (then systemd already holds it, if it gave it).
+    inherited: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<String, Entry>,
+    keeper: Option<Arc<dyn Keeper>>,
+}
+
+/// The registry of named descriptors. Cheap to clone: clones share one registry.
+///
+/// Put the registry in [`RestartConfig::registry`](crate::RestartConfig::registry) so that
+/// the restart hands everything in it to the next generation.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let registry = shellflip::Registry::new();
+/// // Bound now, inherited in every later generation.
+/// let listener = registry.tcp_listener("http", "127.0.0.1:0".parse()?)?;
+/// let listener = tokio::net::TcpListener::from_std(listener)?;
+/// println!("serving on {}", listener.local_addr()?);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.lock();
+        f.debug_map()
+            .entries(inner.entries.iter().map(|(k, e)| (k, e.kind)))
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The TCP listener called `name`: inherited if a previous generation had it, else bound
+    /// to `addr` now. Port 0 matches whatever port the inherited listener has.
+    pub fn tcp_listener(&self, name: &str, addr: SocketAddr) -> Result<TcpListener, RegistryError> {
+        let fd = match self.adopt(name, Kind::TcpListener)? {
+            Some(fd) => {
+                let inherited = local_inet(&fd).map_err(|e| io_err("inspect", name, e))?;
+                if !same_address(inherited, addr) {
+                    self.forget(name);
+                    return Err(RegistryError::AddressChanged {
+                        name: name.into(),
+                        inherited: inherited.to_string(),
+                        requested: addr.to_string(),
+                    });
+                }
+                fd
+            }
+            None => {
+                let l = TcpListener::bind(addr).map_err(|e| io_err("bind", name, e))?;
+                self.register(name, Kind::TcpListener, l.into(), None)?
+            }
+        };
+        let l = TcpListener::from(fd);
+        l.set_nonblocking(true)
+            .map_err(|e| io_err("set non-blocking", name, e))?;
+        Ok(l)
+    }
+
+    /// Like [`tcp_listener`](Self::tcp_listener), but an inherited listener of that name on
+    /// another address is dropped and `addr` bound instead: a changed address, by choice.
+    pub fn replace_tcp_listener(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<TcpListener, RegistryError> {
+        match self.tcp_listener(name, addr) {
+            Err(RegistryError::AddressChanged { .. }) => self.tcp_listener(name, addr),
+            other => other,
+        }
+    }
+
+    /// The UDP socket called `name`: inherited, or bound to `addr` now.
+    pub fn udp_socket(&self, name: &str, addr: SocketAddr) -> Result<UdpSocket, RegistryError> {
+        let fd = match self.adopt(name, Kind::UdpSocket)? {
+            Some(fd) => fd,
+            None => {
+                let s = UdpSocket::bind(addr).map_err(|e| io_err("bind", name, e))?;
+                self.register(name, Kind::UdpSocket, s.into(), None)?
+            }
+        };
+        let s = UdpSocket::from(fd);
+        s.set_nonblocking(true)
+            .map_err(|e| io_err("set non-blocking", name, e))?;
+        Ok(s)
+    }
+
+    /// The Unix stream listener called `name`: inherited (its path is never unlinked by a
+    /// restart), or bound at `path` now. A stale socket file at `path` that nothing listens on
+    /// is replaced; one that something listens on is an error.
+    pub fn unix_listener(&self, name: &str, path: &Path) -> Result<UnixListener, RegistryError> {
+        let fd = match self.adopt(name, Kind::UnixListener)? {
+            Some(fd) => fd,
+            None => {
+                remove_stale_socket(path).map_err(|e| io_err("bind", name, e))?;
+                let l = UnixListener::bind(path).map_err(|e| io_err("bind", name, e))?;
+                self.register(name, Kind::UnixListener, l.into(), Some(path.to_owned()))?
+            }
+        };
+        let l = UnixListener::from(fd);
+        l.set_nonblocking(true)
+            .map_err(|e| io_err("set non-blocking", name, e))?;
+        Ok(l)
+    }
+
+    /// The Unix datagram socket called `name`: inherited, or bound at `path` now.
+    pub fn unix_datagram(&self, name: &str, path: &Path) -> Result<UnixDatagram, RegistryError> {
+        let fd = match self.adopt(name, Kind::UnixDatagram)? {
+            Some(fd) => fd,
+            None => {
+                if path.exists() {
+                    std::fs::remove_file(path).map_err(|e| io_err("bind", name, e))?;
+                }
+                let s = UnixDatagram::bind(path).map_err(|e| io_err("bind", name, e))?;
+                self.register(name, Kind::UnixDatagram, s.into(), Some(path.to_owned()))?
+            }
+        };
+        let s = UnixDatagram::from(fd);
+        s.set_nonblocking(true)
+            .map_err(|e| io_err("set non-blocking", name, e))?;
+        Ok(s)
+    }
+
+    /// Registers any descriptor under `name` (an accepted connection, a memfd), so that the
+    /// next generation can take it back with [`take_tcp_stream`](Self::take_tcp_stream) or
+    /// [`take_fd`](Self::take_fd). In the systemd lifecycle it goes into the store at once.
+    ///
+    /// The registry keeps `fd` itself; keep using a duplicate if you still need it.
+    pub fn insert(&self, name: &str, fd: impl Into<OwnedFd>) -> Result<(), RegistryError> {
+        let fd = fd.into();
+        let kind = classify(fd.as_fd());
+        self.register(name, kind, fd, None).map(drop)
+    }
+
+    /// Takes back an inherited TCP connection called `name`, non-blocking. `Ok(None)` when there
+    /// is none. A connection whose peer left meanwhile is dropped (and removed from systemd's
+    /// store) and reported as [`RegistryError::ConnectionClosed`].
+    pub fn take_tcp_stream(&self, name: &str) -> Result<Option<TcpStream>, RegistryError> {
+        let Some(fd) = self.adopt(name, Kind::TcpStream)? else {
+            return Ok(None);
+        };
+        let s = TcpStream::from(fd);
+        if s.peer_addr().is_err() || s.take_error().ok().flatten().is_some() {
+            self.forget(name);
+            return Err(RegistryError::ConnectionClosed(name.into()));
+        }
+        s.set_nonblocking(true)
+            .map_err(|e| io_err("set non-blocking", name, e))?;
+        Ok(Some(s))
+    }
+
+    /// Takes back an inherited Unix stream connection called `name`, non-blocking.
+    pub fn take_unix_stream(&self, name: &str) -> Result<Option<UnixStream>, RegistryError> {
+        let Some(fd) = self.adopt(name, Kind::UnixStream)? else {
+            return Ok(None);
+        };
+        let s = UnixStream::from(fd);
+        s.set_nonblocking(true)
+            .map_err(|e| io_err("set non-blocking", name, e))?;
+        Ok(Some(s))
+    }
+
+    /// Takes back any inherited descriptor called `name` (close-on-exec), without checking its
+    /// kind. It stays registered, so it is handed on again at the next restart.
+    pub fn take_fd(&self, name: &str) -> Result<Option<OwnedFd>, RegistryError> {
+        self.adopt(name, Kind::Other)
+    }
+
+    /// The names of inherited descriptors that no one has adopted yet, for instance the
+    /// connections a previous generation put aside.
+    pub fn inherited_names(&self) -> Result<Vec<String>, RegistryError> {
+        let set = inherit::inherited();
+        let set = set
+            .as_ref()
+            .map_err(|e| RegistryError::Inherit(e.clone()))?;
+        Ok(set
+            .names()
+            .into_iter()
+            .filter(|n| !n.starts_with(RESERVED_PREFIX))
+            .collect())
+    }
+
+    /// The names registered in this process.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().entries.keys().cloned().collect()
+    }
+
+    /// Forgets `name`: it is not handed to the next generation, and leaves systemd's store.
+    /// Returns whether it was registered.
+    pub fn remove(&self, name: &str) -> bool {
+        self.forget(name)
+    }
+
+    /// Removes the socket files of the Unix sockets this process bound. Call it when the
+    /// service stops for good, never when it hands over to a new generation.
+    pub fn remove_socket_files(&self) {
+        for e in self.lock().entries.values() {
+            if let Some(path) = &e.path {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    fn forget(&self, name: &str) -> bool {
+        let (found, keeper) = {
+            let mut inner = self.lock();
+            (inner.entries.remove(name).is_some(), inner.keeper.clone())
+        };
+        if let Some(k) = keeper {
+            k.discard(name);
+        }
+        found
+    }
+
+    /// Adopts the inherited descriptor `name` if there is one of the right kind: registers it
+    /// and returns a close-on-exec duplicate.
+    fn adopt(&self, name: &str, kind: Kind) -> Result<Option<OwnedFd>, RegistryError> {
+        check_user_name(name)?;
+        if self.lock().entries.contains_key(name) {
+            return Err(RegistryError::Duplicate(name.into()));
+        }
+        let fd = {
+            let mut set = inherit::inherited();
+            let set = set
+                .as_mut()
+                .map_err(|e| RegistryError::Inherit(e.clone()))?;
+            let Some(borrowed) = set.peek(name) else {
+                return Ok(None);
+            };
+            check_kind(borrowed, kind).map_err(|found| RegistryError::WrongKind {
+                name: name.into(),
+                expected: kind,
+                found,
+            })?;
+            match set.take(name) {
+                Some(fd) => fd,
+                None => return Ok(None),
+            }
+        };
+        tracing::debug!(
+            name,
+            ?kind,
+            fd = fd.as_raw_fd(),
+            "adopted inherited descriptor"
+        );
+        let dup = fd.try_clone().map_err(|e| io_err("duplicate", name, e))?;
+        let mut inner = self.lock();
+        inner.entries.insert(
+            name.into(),
+            Entry {
+                kind,
+                fd,
+                path: None,
+                inherited: true,
+            },
+        );
+        Ok(Some(dup))
+    }
+
+    /// Registers a descriptor created in this process; returns a close-on-exec duplicate.
+    fn register(
+        &self,
+        name: &str,
+        kind: Kind,
+        fd: OwnedFd,
+        path: Option<PathBuf>,
+    ) -> Result<OwnedFd, RegistryError> {
+        check_user_name(name)?;
+        self.register_any(name, kind, fd, path)
+    }
+
+    fn register_any(
+        &self,
+        name: &str,
+        kind: Kind,
+        fd: OwnedFd,
+        path: Option<PathBuf>,
+    ) -> Result<OwnedFd, RegistryError> {
+        inherit::set_cloexec(&fd);
+        let dup = fd.try_clone().map_err(|e| io_err("duplicate", name, e))?;
+        let mut inner = self.lock();
+        if inner.entries.contains_key(name) {
+            return Err(RegistryError::Duplicate(name.into()));
+        }
+        if let Some(k) = &inner.keeper {
+            k.keep(name, fd.as_fd());
+        }
+        inner.entries.insert(
+            name.into(),
+            Entry {
+                kind,
+                fd,
+                path,
+                inherited: false,
+            },
+        );
+        Ok(dup)
+    }
+
+    /// Registers one of the library's own descriptors (control socket) under a reserved name.
+    pub(crate) fn insert_internal(&self, name: &str, fd: OwnedFd) -> Result<(), RegistryError> {
+        let kind = classify(fd.as_fd());
+        self.register_any(name, kind, fd, None).map(drop)
+    }
+
+    /// Adopts one of the library's own inherited descriptors (reserved name), any kind.
+    pub(crate) fn adopt_internal(name: &str) -> Result<Option<OwnedFd>, RegistryError> {
+        let mut set = inherit::inherited();
+        let set = set
+            .as_mut()
+            .map_err(|e| RegistryError::Inherit(e.clone()))?;
+        Ok(set.take(name))
+    }
+
+    /// Calls `f` with every registered descriptor, in name order (what crosses at a handover).
+    pub(crate) fn with_fds<R>(&self, f: impl FnOnce(&[(&str, BorrowedFd<'_>)]) -> R) -> R {
+        let inner = self.lock();
+        let list: Vec<(&str, BorrowedFd<'_>)> = inner
+            .entries
+            .iter()
+            .map(|(n, e)| (n.as_str(), e.fd.as_fd()))
+            .collect();
+        f(&list)
+    }
+
+    /// From now on, every descriptor registered is also kept by `keeper`; those created in this
+    /// process so far (not inherited, hence not kept yet) are handed to it now.
+    pub(crate) fn attach_keeper(&self, keeper: Arc<dyn Keeper>) {
+        let mut inner = self.lock();
+        for (name, e) in &inner.entries {
+            if !e.inherited {
+                keeper.keep(name, e.fd.as_fd());
+            }
+        }
+        inner.keeper = Some(keeper);
+    }
+}
+
+fn check_user_name(name: &str) -> Result<(), RegistryError> {
+    inherit::check_name(name).map_err(|why| RegistryError::InvalidName {
+        name: name.into(),
+        why,
+    })?;
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err(RegistryError::InvalidName {
+            name: name.into(),
+            why: "names starting with \"shellflip.\" are reserved for the library",
+        });
+    }
+    Ok(())
+}
+
+fn io_err(what: &'static str, name: &str, source: io::Error) -> RegistryError {
+    RegistryError::Io {
+        what,
+        name: name.into(),
+        source,
+    }
+}
+
+/// Checks that `fd` is of `kind`; on mismatch says what it is.
+fn check_kind(fd: BorrowedFd<'_>, kind: Kind) -> Result<(), String> {
+    if kind == Kind::Other {
+        return nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
+            .map(drop)
+            .map_err(|e| e.to_string());
+    }
+    let found = classify(fd);
+    if found == kind {
+        Ok(())
+    } else {
+        Err(format!("it is a {found:?}"))
+    }
+}
+
+/// What a descriptor is, by `SO_TYPE`, its address family and `SO_ACCEPTCONN`.
+pub(crate) fn classify(fd: BorrowedFd<'_>) -> Kind {
+    let Ok(ty) = getsockopt(&fd, sockopt::SockType) else {
+        return Kind::Other;
+    };
+    let family = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(|a| a.family());
+    let listening = getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
+    match (family, ty, listening) {
+        (Some(AddressFamily::Inet | AddressFamily::Inet6), SockType::Stream, true) => {
+            Kind::TcpListener
+        }
+        (Some(AddressFamily::Inet | AddressFamily::Inet6), SockType::Stream, false) => {
+            Kind::TcpStream
+        }
+        (Some(AddressFamily::Inet | AddressFamily::Inet6), SockType::Datagram, _) => {
+            Kind::UdpSocket
+        }
+        (Some(AddressFamily::Unix), SockType::Stream, true) => Kind::UnixListener,
+        (Some(AddressFamily::Unix), SockType::Stream, false) => Kind::UnixStream,
+        (Some(AddressFamily::Unix), SockType::Datagram, _) => Kind::UnixDatagram,
+        _ => Kind::Other,
+    }
+}
+
+fn local_inet(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    let s = std::mem::ManuallyDrop::new(TcpListener::from(fd.try_clone()?));
+    let addr = s.local_addr();
+    // The duplicate is closed here; the original stays with the caller.
+    drop(std::mem::ManuallyDrop::into_inner(s));
+    addr
+}
+
+/// An inherited address matches a requested one when they are equal, or when the requested
+/// port is 0 ("any port") and the IP matches.
+fn same_address(inherited: SocketAddr, requested: SocketAddr) -> bool {
+    inherited == requested || (requested.port() == 0 && inherited.ip() == requested.ip())
+}
+
+/// Removes a socket file that nothing listens on. A live socket is left alone and reported.
+pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another process is listening on {}", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_kinds() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(classify(l.as_fd()), Kind::TcpListener);
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert_eq!(classify(c.as_fd()), Kind::TcpStream);
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(classify(u.as_fd()), Kind::UdpSocket);
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert_eq!(classify(a.as_fd()), Kind::UnixStream);
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(classify(f.as_fd()), Kind::Other);
+    }
+
+    #[test]
+    fn fresh_listener_is_nonblocking_and_cloexec() {
+        let r = Registry::new();
+        let l = r
+            .tcp_listener("http", "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        let fl = nix::fcntl::fcntl(&l, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+        let fd = nix::fcntl::fcntl(&l, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(fd & libc::FD_CLOEXEC, 0);
+        assert_eq!(r.names(), vec!["http".to_string()]);
+        assert!(matches!(
+            r.tcp_listener("http", "127.0.0.1:0".parse().unwrap()),
+            Err(RegistryError::Duplicate(_))
+        ));
+    }
+
+    #[test]
+    fn reserved_and_bad_names_are_refused() {
+        let r = Registry::new();
+        let addr = "127.0.0.1:0".parse().unwrap();
+        assert!(matches!(
+            r.tcp_listener("shellflip.x", addr),
+            Err(RegistryError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            r.tcp_listener("a:b", addr),
+            Err(RegistryError::InvalidName { .. })
+        ));
+    }
+
+    #[test]
+    fn live_socket_file_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let _live = UnixListener::bind(&path).unwrap();
+        let r = Registry::new();
+        let err = r.unix_listener("u", &path).unwrap_err();
+        assert!(
+            err.to_string().contains("another process is listening"),
+            "{err}"
+        );
+        drop(_live);
+        // Now stale: replaced.
+        r.unix_listener("u", &path).unwrap();
+    }
+
+    #[test]
+    fn port_zero_matches_any_port() {
+        let a: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+        assert!(same_address(a, "127.0.0.1:0".parse().unwrap()));
+        assert!(!same_address(a, "127.0.0.2:0".parse().unwrap()));
+        assert!(!same_address(a, "127.0.0.1:4243".parse().unwrap()));
+    }
+}
