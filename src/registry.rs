@@ -223,7 +223,12 @@ impl Registry {
     /// is replaced; one that something listens on is an error.
     pub fn unix_listener(&self, name: &str, path: &Path) -> Result<UnixListener, RegistryError> {
         let fd = match self.adopt(name, Kind::UnixListener)? {
-            Some(fd) => fd,
+            Some(fd) => {
+                if let Some(e) = self.lock().entries.get_mut(name) {
+                    e.path = Some(path.to_owned());
+                }
+                fd
+            }
             None => {
                 remove_stale_socket(path).map_err(|e| io_err("bind", name, e))?;
                 let l = UnixListener::bind(path).map_err(|e| io_err("bind", name, e))?;
@@ -324,8 +329,9 @@ impl Registry {
         self.forget(name)
     }
 
-    /// Removes the socket files of the Unix sockets this process bound. Call it when the
-    /// service stops for good, never when it hands over to a new generation.
+    /// Removes the socket files of the Unix sockets in the registry, the control socket's
+    /// included. Call it when the service stops for good, never when it hands over to a new
+    /// generation (whose sockets they are).
     pub fn remove_socket_files(&self) {
         for e in self.lock().entries.values() {
             if let Some(path) = &e.path {
@@ -431,9 +437,14 @@ impl Registry {
     }
 
     /// Registers one of the library's own descriptors (control socket) under a reserved name.
-    pub(crate) fn insert_internal(&self, name: &str, fd: OwnedFd) -> Result<(), RegistryError> {
+    pub(crate) fn insert_internal(
+        &self,
+        name: &str,
+        fd: OwnedFd,
+        path: Option<PathBuf>,
+    ) -> Result<(), RegistryError> {
         let kind = classify(fd.as_fd());
-        self.register_any(name, kind, fd, None).map(drop)
+        self.register_any(name, kind, fd, path).map(drop)
     }
 
     /// Adopts one of the library's own inherited descriptors (reserved name), any kind.

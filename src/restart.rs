@@ -459,7 +459,7 @@ fn control_listener(
     let keep = listener.try_clone().map_err(err)?;
     config
         .registry
-        .insert_internal(CONTROL_FD, keep.into())
+        .insert_internal(CONTROL_FD, keep.into(), Some(path.clone()))
         .map_err(|e| err(io::Error::other(e)))?;
     Ok(listener)
 }
