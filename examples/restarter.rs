@@ -126,7 +126,13 @@ fn read_config(path: Option<&Path>) -> Result<Config, String> {
         return Ok(Config::default());
     };
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.to_string().trim()))
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+            .unwrap_or(1);
+        format!("{} line {line}: {}", path.display(), e.message())
+    })
 }
 
 /// What crosses to the next generation: the state format, the generation, optional padding.

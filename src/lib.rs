@@ -130,3 +130,8 @@ pub use registry::{Kind, Registry, RegistryError};
 pub use restart::{Handover, RestartConfig, RestartError, RestartHandle, RestartTask};
 pub use shutdown::{ShutdownCoordinator, ShutdownHandle, ShutdownSignal};
 pub use state::StateError;
+
+/// The README's code sample, compiled as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

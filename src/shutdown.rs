@@ -131,15 +131,22 @@ impl ShutdownCoordinator {
     /// Signals every task and waits until all handles were dropped. Stop accepting new work
     /// (drop listeners) first.
     pub async fn shutdown(mut self) {
+        let started = std::time::Instant::now();
+        tracing::info!("draining");
         self.token.cancel();
         drop(self.handle);
         let _ = self.done.recv().await;
+        tracing::info!(elapsed = ?started.elapsed(), "drained");
     }
 
     /// Like [`shutdown`](Self::shutdown), but waits at most `timeout`. Returns whether every
     /// task finished in time.
     pub async fn shutdown_with_timeout(self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.shutdown()).await.is_ok()
+        let drained = tokio::time::timeout(timeout, self.shutdown()).await.is_ok();
+        if !drained {
+            tracing::warn!(?timeout, "drain deadline passed with tasks still running");
+        }
+        drained
     }
 }
 
