@@ -166,27 +166,19 @@ impl Registry {
     /// The TCP listener called `name`: inherited if a previous generation had it, else bound
     /// to `addr` now. Port 0 matches whatever port the inherited listener has.
     pub fn tcp_listener(&self, name: &str, addr: SocketAddr) -> Result<TcpListener, RegistryError> {
-        let fd = match self.adopt(name, Kind::TcpListener)? {
-            Some(fd) => {
-                let inherited = local_inet(&fd).map_err(|e| io_err("inspect", name, e))?;
-                if !same_address(inherited, addr) {
-                    self.forget(name);
-                    return Err(RegistryError::AddressChanged {
-                        name: name.into(),
-                        inherited: inherited.to_string(),
-                        requested: addr.to_string(),
-                    });
-                }
-                fd
-            }
-            None => {
-                let l = TcpListener::bind(addr).map_err(|e| io_err("bind", name, e))?;
-                self.register(name, Kind::TcpListener, l.into(), None)?
-            }
-        };
+        let fd = self.named(name, Kind::TcpListener, None, || {
+            TcpListener::bind(addr).map(OwnedFd::from)
+        })?;
         let l = TcpListener::from(fd);
-        l.set_nonblocking(true)
-            .map_err(|e| io_err("set non-blocking", name, e))?;
+        let bound = l.local_addr().map_err(|e| io_err("inspect", name, e))?;
+        if !same_address(bound, addr) {
+            self.forget(name);
+            return Err(RegistryError::AddressChanged {
+                name: name.into(),
+                inherited: bound.to_string(),
+                requested: addr.to_string(),
+            });
+        }
         Ok(l)
     }
 
@@ -205,58 +197,68 @@ impl Registry {
 
     /// The UDP socket called `name`: inherited, or bound to `addr` now.
     pub fn udp_socket(&self, name: &str, addr: SocketAddr) -> Result<UdpSocket, RegistryError> {
-        let fd = match self.adopt(name, Kind::UdpSocket)? {
-            Some(fd) => fd,
-            None => {
-                let s = UdpSocket::bind(addr).map_err(|e| io_err("bind", name, e))?;
-                self.register(name, Kind::UdpSocket, s.into(), None)?
-            }
-        };
-        let s = UdpSocket::from(fd);
-        s.set_nonblocking(true)
-            .map_err(|e| io_err("set non-blocking", name, e))?;
-        Ok(s)
+        self.named(name, Kind::UdpSocket, None, || {
+            UdpSocket::bind(addr).map(OwnedFd::from)
+        })
+        .map(UdpSocket::from)
     }
 
     /// The Unix stream listener called `name`: inherited (its path is never unlinked by a
     /// restart), or bound at `path` now. A stale socket file at `path` that nothing listens on
     /// is replaced; one that something listens on is an error.
     pub fn unix_listener(&self, name: &str, path: &Path) -> Result<UnixListener, RegistryError> {
-        let fd = match self.adopt(name, Kind::UnixListener)? {
+        self.named(name, Kind::UnixListener, Some(path), || {
+            remove_stale_socket(path)?;
+            UnixListener::bind(path).map(OwnedFd::from)
+        })
+        .map(UnixListener::from)
+    }
+
+    /// The Unix datagram socket called `name`: inherited, or bound at `path` now (a stale
+    /// socket file there is replaced, a live one is an error).
+    pub fn unix_datagram(&self, name: &str, path: &Path) -> Result<UnixDatagram, RegistryError> {
+        self.named(name, Kind::UnixDatagram, Some(path), || {
+            match UnixDatagram::unbound()?.connect(path) {
+                Ok(()) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("another process is bound to {}", path.display()),
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)?
+                }
+                Err(_) => {}
+            }
+            UnixDatagram::bind(path).map(OwnedFd::from)
+        })
+        .map(UnixDatagram::from)
+    }
+
+    /// The socket called `name`: adopted if inherited, else created by `bind` and registered.
+    /// Returns a non-blocking, close-on-exec duplicate. `path` is the socket file, if any,
+    /// removed by [`remove_socket_files`](Self::remove_socket_files).
+    fn named(
+        &self,
+        name: &str,
+        kind: Kind,
+        path: Option<&Path>,
+        bind: impl FnOnce() -> io::Result<OwnedFd>,
+    ) -> Result<OwnedFd, RegistryError> {
+        let fd = match self.adopt(name, kind)? {
             Some(fd) => {
                 if let Some(e) = self.lock().entries.get_mut(name) {
-                    e.path = Some(path.to_owned());
+                    e.path = path.map(Path::to_owned);
                 }
                 fd
             }
             None => {
-                remove_stale_socket(path).map_err(|e| io_err("bind", name, e))?;
-                let l = UnixListener::bind(path).map_err(|e| io_err("bind", name, e))?;
-                self.register(name, Kind::UnixListener, l.into(), Some(path.to_owned()))?
+                let fd = bind().map_err(|e| io_err("bind", name, e))?;
+                self.register(name, kind, fd, path.map(Path::to_owned))?
             }
         };
-        let l = UnixListener::from(fd);
-        l.set_nonblocking(true)
-            .map_err(|e| io_err("set non-blocking", name, e))?;
-        Ok(l)
-    }
-
-    /// The Unix datagram socket called `name`: inherited, or bound at `path` now.
-    pub fn unix_datagram(&self, name: &str, path: &Path) -> Result<UnixDatagram, RegistryError> {
-        let fd = match self.adopt(name, Kind::UnixDatagram)? {
-            Some(fd) => fd,
-            None => {
-                if path.exists() {
-                    std::fs::remove_file(path).map_err(|e| io_err("bind", name, e))?;
-                }
-                let s = UnixDatagram::bind(path).map_err(|e| io_err("bind", name, e))?;
-                self.register(name, Kind::UnixDatagram, s.into(), Some(path.to_owned()))?
-            }
-        };
-        let s = UnixDatagram::from(fd);
-        s.set_nonblocking(true)
-            .map_err(|e| io_err("set non-blocking", name, e))?;
-        Ok(s)
+        set_nonblocking(&fd).map_err(|e| io_err("set non-blocking", name, e))?;
+        Ok(fd)
     }
 
     /// Registers any descriptor under `name` (an accepted connection, a memfd), so that the
@@ -543,18 +545,18 @@ pub(crate) fn classify(fd: BorrowedFd<'_>) -> Kind {
     }
 }
 
-fn local_inet(fd: &OwnedFd) -> io::Result<SocketAddr> {
-    let s = std::mem::ManuallyDrop::new(TcpListener::from(fd.try_clone()?));
-    let addr = s.local_addr();
-    // The duplicate is closed here; the original stays with the caller.
-    drop(std::mem::ManuallyDrop::into_inner(s));
-    addr
-}
-
 /// An inherited address matches a requested one when they are equal, or when the requested
 /// port is 0 ("any port") and the IP matches.
 fn same_address(inherited: SocketAddr, requested: SocketAddr) -> bool {
     inherited == requested || (requested.port() == 0 && inherited.ip() == requested.ip())
+}
+
+/// Sets `O_NONBLOCK` on the open file description of `fd`.
+pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
 /// Removes a socket file that nothing listens on. A live socket is left alone and reported.

@@ -209,7 +209,7 @@ impl Successor {
             .await?;
         // The write end went to the spawner and is closed: only the successor holds it now.
         let pidfd = pidfd_open(pid)?;
-        let ready = tokio::net::unix::pipe::Receiver::from_owned_fd(set_nonblocking(ready_r)?)?;
+        let ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)?;
         Ok(Successor {
             pid,
             // SAFETY: the OwnedFd owns the pidfd and keeps it open, unchanged, for as long as
@@ -322,15 +322,6 @@ fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
     }
     // SAFETY: the syscall returned a new descriptor (pidfds are close-on-exec) that we own.
     Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
-}
-
-fn set_nonblocking(fd: OwnedFd) -> io::Result<OwnedFd> {
-    let flags = nix::fcntl::OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
-    fcntl(
-        &fd,
-        FcntlArg::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
-    )?;
-    Ok(fd)
 }
 
 /// The successor's side: tells the parent generation (if any) that this process is ready.
