@@ -121,6 +121,8 @@ struct Entry {
 struct Inner {
     entries: BTreeMap<String, Entry>,
     keeper: Option<Arc<dyn Keeper>>,
+    /// Names forgotten before a keeper was attached: it discards them when it is.
+    forgotten: Vec<String>,
 }
 
 /// The registry of named descriptors. Cheap to clone: clones share one registry.
@@ -345,7 +347,11 @@ impl Registry {
     fn forget(&self, name: &str) -> bool {
         let (found, keeper) = {
             let mut inner = self.lock();
-            (inner.entries.remove(name).is_some(), inner.keeper.clone())
+            let found = inner.entries.remove(name).is_some();
+            if inner.keeper.is_none() {
+                inner.forgotten.push(name.to_owned());
+            }
+            (found, inner.keeper.clone())
         };
         if let Some(k) = keeper {
             k.discard(name);
@@ -470,9 +476,13 @@ impl Registry {
     }
 
     /// From now on, every descriptor registered is also kept by `keeper`; those created in this
-    /// process so far (not inherited, hence not kept yet) are handed to it now.
+    /// process so far (not inherited, hence not kept yet) are handed to it now, and those
+    /// forgotten so far are discarded from it.
     pub(crate) fn attach_keeper(&self, keeper: Arc<dyn Keeper>) {
         let mut inner = self.lock();
+        for name in std::mem::take(&mut inner.forgotten) {
+            keeper.discard(&name);
+        }
         for (name, e) in &inner.entries {
             if !e.inherited {
                 keeper.keep(name, e.fd.as_fd());
