@@ -27,7 +27,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::inherit::{self, FIRST_FD, Mode};
-use crate::registry::Registry;
+use crate::registry::{Kind, Registry, classify};
 
 /// Name of the readiness pipe handed to the successor.
 pub(crate) const READY_FD: &str = "shellflip.ready";
@@ -180,6 +180,15 @@ impl Successor {
     ) -> io::Result<Successor> {
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (mut names, mut fds) = registry.with_fds(|list| {
+            // A validation run gets the listeners, never the connections: it must not read
+            // from a client the serving generation is still talking to.
+            let list: Vec<_> = list
+                .iter()
+                .filter(|(_, fd)| {
+                    mode == Mode::Serve
+                        || !matches!(classify(*fd), Kind::TcpStream | Kind::UnixStream)
+                })
+                .collect();
             let names: Vec<String> = list.iter().map(|(n, _)| (*n).to_owned()).collect();
             let fds = list
                 .iter()
