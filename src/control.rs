@@ -214,8 +214,11 @@ impl RestartCoordinationSocket {
 
 /// Who asked for a restart, and how to tell them the outcome.
 pub(crate) enum Initiator {
-    /// The restart signal, or systemd's SIGTERM: nobody to answer.
-    Signal(&'static str),
+    /// The restart signal: nobody to answer.
+    RestartSignal,
+    /// SIGTERM in the systemd lifecycle (`systemctl restart` or `stop`): nobody to answer, and
+    /// no way to refuse.
+    Terminate,
     /// A client of the control socket.
     Socket(RestartCoordinationSocket),
     /// The application, through a [`RestartHandle`](crate::RestartHandle).
@@ -227,7 +230,7 @@ impl Initiator {
     /// `Ok(None)` means "this process is exiting for systemd to start the next one".
     pub(crate) async fn respond(self, outcome: Result<Option<u32>, RestartError>) {
         match self {
-            Initiator::Signal(_) => {}
+            Initiator::RestartSignal | Initiator::Terminate => {}
             Initiator::Handle(tx) => {
                 let _ = tx.send(outcome);
             }
@@ -249,7 +252,8 @@ impl Initiator {
 
     pub(crate) fn describe(&self) -> &'static str {
         match self {
-            Initiator::Signal(name) => name,
+            Initiator::RestartSignal => "restart signal",
+            Initiator::Terminate => "SIGTERM",
             Initiator::Socket(_) => "control socket",
             Initiator::Handle(_) => "restart handle",
         }

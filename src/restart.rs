@@ -347,7 +347,7 @@ struct Signals {
 }
 
 impl Signals {
-    async fn recv(&mut self) -> &'static str {
+    async fn recv(&mut self) -> Initiator {
         let term = async {
             match &mut self.terminate {
                 Some(s) => s.recv().await,
@@ -355,8 +355,8 @@ impl Signals {
             }
         };
         tokio::select! {
-            _ = self.restart.recv() => "restart signal",
-            _ = term => "SIGTERM",
+            _ = self.restart.recv() => Initiator::RestartSignal,
+            _ = term => Initiator::Terminate,
         }
     }
 }
@@ -527,15 +527,22 @@ async fn run(
             }
         }
     }
+    // A SIGTERM that arrived during a restart that then failed: systemd is stopping us.
+    let mut pending_terminate = false;
     loop {
-        let initiator = tokio::select! {
-            Some(cmd) = commands.recv() => match cmd {
-                Command::Status(tx) => { let _ = tx.send(record.status()); continue; }
-                Command::Restart(initiator) => initiator,
-            },
-            name = signals.recv() => Initiator::Signal(name),
+        let initiator = if std::mem::take(&mut pending_terminate) {
+            Initiator::Terminate
+        } else {
+            tokio::select! {
+                Some(cmd) = commands.recv() => match cmd {
+                    Command::Status(tx) => { let _ = tx.send(record.status()); continue; }
+                    Command::Restart(initiator) => initiator,
+                },
+                initiator = signals.recv() => initiator,
+            }
         };
         let trigger = initiator.describe();
+        let refusable = !matches!(initiator, Initiator::Terminate);
         tracing::info!(trigger, "restart requested");
         record.in_progress = true;
         let started = Instant::now();
@@ -543,9 +550,7 @@ async fn run(
             let restart = async {
                 match &mut lifecycle {
                     Lifecycle::ForkExec => crate::handover::restart(&mut ctx).await,
-                    Lifecycle::Systemd(store) => {
-                        store.restart(&mut ctx, trigger != "SIGTERM").await
-                    }
+                    Lifecycle::Systemd(store) => store.restart(&mut ctx, refusable).await,
                     Lifecycle::Validation => Err(RestartError::NotReadyYet),
                 }
             };
@@ -557,7 +562,12 @@ async fn run(
                         Command::Status(tx) => { let _ = tx.send(record.status()); }
                         Command::Restart(other) => other.respond(Err(RestartError::InProgress)).await,
                     },
-                    name = signals.recv() => tracing::warn!("{name} ignored: restart already in progress"),
+                    other = signals.recv() => {
+                        if matches!(other, Initiator::Terminate) {
+                            pending_terminate = true;
+                        }
+                        tracing::warn!("{}: a restart is already in progress", other.describe());
+                    }
                 }
             }
         };
