@@ -501,12 +501,20 @@ async fn run(
         in_progress: false,
         last_result: None,
     };
+    // A restart to run before waiting for the next trigger.
+    let mut pending: Option<Initiator> = None;
     // Until ready: answer status, refuse restarts.
     loop {
         tokio::select! {
+            biased;
             _ = readiness::ready() => break,
             Some(cmd) = commands.recv() => match cmd {
                 Command::Status(tx) => { let _ = tx.send(record.status()); }
+                // Ready in the meantime: this request is the first restart.
+                Command::Restart(initiator) if readiness::is_ready() => {
+                    pending = Some(initiator);
+                    break;
+                }
                 Command::Restart(initiator) => initiator.respond(Err(RestartError::NotReadyYet)).await,
             },
         }
@@ -527,11 +535,9 @@ async fn run(
             }
         }
     }
-    // A SIGTERM that arrived during a restart that then failed: systemd is stopping us.
-    let mut pending_terminate = false;
     loop {
-        let initiator = if std::mem::take(&mut pending_terminate) {
-            Initiator::Terminate
+        let initiator = if let Some(initiator) = pending.take() {
+            initiator
         } else {
             tokio::select! {
                 Some(cmd) = commands.recv() => match cmd {
@@ -563,10 +569,11 @@ async fn run(
                         Command::Restart(other) => other.respond(Err(RestartError::InProgress)).await,
                     },
                     other = signals.recv() => {
-                        if matches!(other, Initiator::Terminate) {
-                            pending_terminate = true;
-                        }
+                        // systemd is stopping us: stop once this restart is over, if it failed.
                         tracing::warn!("{}: a restart is already in progress", other.describe());
+                        if matches!(other, Initiator::Terminate) {
+                            pending = Some(other);
+                        }
                     }
                 }
             }
