@@ -10,7 +10,10 @@ use nix::fcntl::OFlag;
 use crate::inherit::{self, Mode};
 use crate::lifecycle::{STATE_FD, send_state};
 use crate::restart::{Context, Handover, RestartError};
-use crate::successor::Successor;
+use crate::successor::{NotReady, Successor};
+
+/// How long a successor that stopped reading the state has to report why.
+const REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::systemd;
 
 /// One restart in the fork/exec lifecycle.
@@ -46,15 +49,27 @@ async fn start_and_confirm(ctx: &mut Context, started: Instant) -> Result<Handov
     let sink = tokio::net::unix::pipe::Sender::from_owned_fd(state_w).map_err(RestartError::Io)?;
     let sent = tokio::select! {
         r = send_state(&mut *ctx.handler, sink, inherit::generation()) => r,
-        _ = tokio::time::sleep_until(deadline) => Err(format!("not done after {} s", timeout.as_secs_f64())),
+        _ = tokio::time::sleep_until(deadline) => {
+            successor.kill_and_reap().await;
+            return Err(RestartError::NotReady { pid, after: timeout });
+        }
     };
-    if let Err(why) = sent {
+    if let Err(failure) = sent {
+        if failure.reader_gone {
+            // The successor closed its end: most likely it failed or exited, and its own
+            // report (a reason, an exit status, a signal) says why better than EPIPE.
+            let verdict = successor.wait_ready(REPORT_WAIT).await;
+            if let Err(why @ (NotReady::Exited(_) | NotReady::Failed { .. })) = verdict {
+                return Err(RestartError::from_not_ready(pid, why));
+            }
+        }
         let status = successor.kill_and_reap().await;
         tracing::warn!(
             pid,
-            "restart: sending the state failed ({why}); successor {status}"
+            "restart: sending the state failed ({}); successor {status}",
+            failure.why
         );
-        return Err(RestartError::StateSend(why));
+        return Err(RestartError::StateSend(failure.why));
     }
     tracing::info!(pid, elapsed = ?started.elapsed(), "restart: state sent");
 
@@ -62,7 +77,7 @@ async fn start_and_confirm(ctx: &mut Context, started: Instant) -> Result<Handov
     if let Err(why) = successor.wait_ready(remaining).await {
         let why = match why {
             // Report the whole start-up timeout, not what was left of it.
-            crate::successor::NotReady::Timeout(_) => crate::successor::NotReady::Timeout(timeout),
+            NotReady::Timeout(_) => NotReady::Timeout(timeout),
             other => other,
         };
         return Err(RestartError::from_not_ready(pid, why));

@@ -147,20 +147,32 @@ fn open_state(fd: OwnedFd) -> Result<Option<PipeReader>, StateError> {
     Ok(Some(Box::pin(reader)))
 }
 
+/// Why the state could not be sent.
+#[derive(Debug)]
+pub(crate) struct SendFailure {
+    /// The handler's own error text, or why the commit failed.
+    pub(crate) why: String,
+    /// Whether the reader went away (a write to the pipe failed), rather than the handler
+    /// failing on its own: then the successor's own report says more.
+    pub(crate) reader_gone: bool,
+}
+
 /// Runs the handler's state writer over `sink` and commits the state when it succeeded.
-/// Returns the handler's own error text when it failed.
 pub(crate) async fn send_state(
     handler: &mut dyn LifecycleHandler,
     sink: impl AsyncWrite + Send + 'static,
     generation: u64,
-) -> Result<(), String> {
+) -> Result<(), SendFailure> {
     let writer = state::StateWriter::new(sink, generation);
-    handler
-        .send_to_new_process(Box::pin(writer.clone()))
-        .await
-        .map_err(|e| e.to_string())?;
-    writer
-        .commit()
-        .await
-        .map_err(|e| format!("cannot commit the state: {e}"))
+    let sent = match handler.send_to_new_process(Box::pin(writer.clone())).await {
+        Ok(()) => writer
+            .commit()
+            .await
+            .map_err(|e| format!("cannot commit the state: {e}")),
+        Err(e) => Err(e.to_string()),
+    };
+    sent.map_err(|why| SendFailure {
+        why,
+        reader_gone: writer.sink_failed(),
+    })
 }

@@ -385,7 +385,7 @@ fn start(mut config: RestartConfig, lifecycle: Lifecycle) -> Result<RestartTask,
         },
     };
     let (commands_tx, commands) = mpsc::channel(16);
-    let stop_control = CancellationToken::new();
+    let mut control = None;
     if config.enabled {
         let listener = control_listener(&config)?;
         let listener = tokio::net::UnixListener::from_std(listener).map_err(|source| {
@@ -397,12 +397,11 @@ fn start(mut config: RestartConfig, lifecycle: Lifecycle) -> Result<RestartTask,
         let access = Access {
             allowed_uids: config.allowed_uids.clone(),
         };
-        tokio::spawn(control::serve(
+        control = Some(ControlServer {
             listener,
-            commands_tx.clone(),
+            commands: commands_tx.clone(),
             access,
-            stop_control.clone(),
-        ));
+        });
     }
     let handler = std::mem::replace(
         &mut config.lifecycle_handler,
@@ -415,14 +414,7 @@ fn start(mut config: RestartConfig, lifecycle: Lifecycle) -> Result<RestartTask,
         program,
     };
     let (outcome_tx, outcome) = oneshot::channel();
-    tokio::spawn(run(
-        ctx,
-        lifecycle,
-        commands,
-        signals,
-        stop_control,
-        outcome_tx,
-    ));
+    tokio::spawn(run(ctx, lifecycle, commands, signals, control, outcome_tx));
     Ok(RestartTask {
         outcome,
         handle: RestartHandle {
@@ -485,12 +477,20 @@ impl Record {
     }
 }
 
+/// The control socket, served once this process is ready: until then the generation that
+/// started it (which shares the listening socket) answers.
+struct ControlServer {
+    listener: tokio::net::UnixListener,
+    commands: mpsc::Sender<Command>,
+    access: Access,
+}
+
 async fn run(
     mut ctx: Context,
     mut lifecycle: Lifecycle,
     mut commands: mpsc::Receiver<Command>,
     mut signals: Signals,
-    stop_control: CancellationToken,
+    control: Option<ControlServer>,
     outcome: oneshot::Sender<Result<Handover, RestartError>>,
 ) {
     let mut record = Record {
@@ -518,6 +518,15 @@ async fn run(
                 Command::Restart(initiator) => initiator.respond(Err(RestartError::NotReadyYet)).await,
             },
         }
+    }
+    let stop_control = CancellationToken::new();
+    if let Some(c) = control {
+        tokio::spawn(control::serve(
+            c.listener,
+            c.commands,
+            c.access,
+            stop_control.clone(),
+        ));
     }
     let unclaimed = inherit::inherited()
         .as_ref()

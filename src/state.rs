@@ -114,6 +114,9 @@ struct FrameWriter {
     total: crc32fast::Hasher,
     total_len: u64,
     committed: bool,
+    /// Whether writing to the sink failed (the reader went away), as opposed to the
+    /// application's own failure.
+    sink_failed: bool,
 }
 
 impl StateWriter {
@@ -129,6 +132,7 @@ impl StateWriter {
                 total: crc32fast::Hasher::new(),
                 total_len: 0,
                 committed: false,
+                sink_failed: false,
             })),
         }
     }
@@ -141,6 +145,11 @@ impl StateWriter {
         this.shutdown().await
     }
 
+    /// Whether a write to the sink failed: the reader went away.
+    pub(crate) fn sink_failed(&self) -> bool {
+        self.lock().sink_failed
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, FrameWriter> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -150,11 +159,17 @@ impl FrameWriter {
     /// Writes out everything pending.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.out_pos < self.out.len() {
-            let n = ready!(self.sink.as_mut().poll_write(cx, &self.out[self.out_pos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            let n = match ready!(self.sink.as_mut().poll_write(cx, &self.out[self.out_pos..])) {
+                Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                other => other,
+            };
+            match n {
+                Ok(n) => self.out_pos += n,
+                Err(e) => {
+                    self.sink_failed = true;
+                    return Poll::Ready(Err(e));
+                }
             }
-            self.out_pos += n;
         }
         self.out.clear();
         self.out_pos = 0;

@@ -64,6 +64,12 @@ fn check_store_enabled() {
              FileDescriptorStoreMax= in the unit, or listeners and state will not survive a restart"
         ),
         Some(n) => tracing::info!("systemd's file descriptor store holds up to {n} descriptors"),
+        // Before 254 systemd does not say; but a previous generation's entries came back.
+        None if crate::inherit::origin() == crate::inherit::Origin::Systemd => {
+            tracing::debug!(
+                "systemd's file descriptor store handed back the previous generation's descriptors"
+            )
+        }
         None => tracing::warn!(
             "this systemd (before 254) does not tell whether its file descriptor store is \
              enabled: make sure the unit sets FileDescriptorStoreMax=, or listeners and state \
@@ -101,8 +107,9 @@ impl SystemdStore {
             Store.discard(INITIATOR_FD);
             answer_stored_initiator(fd).await;
         }
-        for name in unclaimed {
-            // The state entry in the store is already this generation's new memfd.
+        // The initiator was answered above; the state entry in the store is already this
+        // generation's new memfd.
+        for name in unclaimed.into_iter().filter(|n| n != INITIATOR_FD) {
             if name != STATE_FD {
                 tracing::info!(
                     name,
@@ -173,7 +180,7 @@ impl SystemdStore {
         let extend = format!("EXTEND_TIMEOUT_USEC={}", EXTEND_BY.as_micros());
         loop {
             tokio::select! {
-                r = &mut send => return r,
+                r = &mut send => return r.map_err(|failure| failure.why),
                 _ = tick.tick() => notify(&[NotifyState::Custom(&extend)]),
             }
         }
