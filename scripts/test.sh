@@ -8,3 +8,4 @@ cargo fmt --all -- --check
 cargo clippy --all-features --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --all-features --no-deps
 cargo test --all-features
+./scripts/systemd-test.sh
