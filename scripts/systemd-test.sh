@@ -344,5 +344,5 @@ state=$(active_state restarter-forkexec)
 expect "g: systemctl stop leaves no process of any generation (unit $state)" \
     test "$state" != active -a "$state" != deactivating -a -z "$(c pgrep -x restarter || true)"
 
-echo "systemd checks: $passed passed, $failed failed"
+echo "systemd: $passed passed, $failed failed"
 if ((failed > 0)); then exit 1; fi

@@ -108,3 +108,37 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Args, String> {
+        parse(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn parses_both_commands() {
+        let a = args(&["restart", "--socket", "/run/x.sock", "--timeout", "2.5"]).unwrap();
+        assert_eq!(a.command, "restart");
+        assert_eq!(a.socket, PathBuf::from("/run/x.sock"));
+        assert_eq!(a.timeout, Duration::from_millis(2500));
+        let a = args(&["--socket", "/s", "status"]).unwrap();
+        assert_eq!(a.command, "status");
+        assert_eq!(a.timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn refuses_what_it_does_not_know() {
+        assert!(args(&["restart"]).unwrap_err().contains("--socket"));
+        assert!(
+            args(&["--socket", "/s"])
+                .unwrap_err()
+                .contains("missing command")
+        );
+        assert!(args(&["reboot", "--socket", "/s"]).is_err());
+        assert!(args(&["restart", "--socket", "/s", "--timeout", "-1"]).is_err());
+        assert!(args(&["restart", "--socket", "/s", "--timeout", "soon"]).is_err());
+        assert!(args(&["restart", "status", "--socket", "/s"]).is_err());
+    }
+}
