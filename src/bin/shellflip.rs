@@ -22,6 +22,7 @@ const USAGE: &str = "usage: shellflip (restart|status) --socket PATH [--timeout 
   --socket PATH    the service's control socket
   --timeout SECS   give up waiting for the answer after SECS seconds (default 120)";
 
+#[derive(Debug)]
 struct Args {
     command: String,
     socket: PathBuf,
