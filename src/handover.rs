@@ -12,6 +12,9 @@ use crate::lifecycle::{STATE_FD, send_state};
 use crate::restart::{Context, Handover, RestartError};
 use crate::successor::{NotReady, Successor};
 
+/// The state pipe's capacity: one chunk of the state framing.
+const STATE_PIPE_SIZE: libc::c_int = 1024 * 1024;
+
 /// How long a successor that stopped reading the state has to report why.
 const REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::systemd;
@@ -33,6 +36,12 @@ async fn start_and_confirm(ctx: &mut Context, started: Instant) -> Result<Handov
     // Tokio makes our end non-blocking; the successor's end is its own open file description.
     let (state_r, state_w): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| RestartError::Spawn(e.into()))?;
+    // A larger pipe means fewer wake-ups per MiB of state (best effort: the system's
+    // pipe-max-size may refuse it, and then the default is as correct, only slower).
+    let _ = nix::fcntl::fcntl(
+        &state_w,
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(STATE_PIPE_SIZE),
+    );
     let mut successor = Successor::start(
         &ctx.spawner,
         ctx.program.clone(),

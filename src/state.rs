@@ -26,7 +26,7 @@ const COMMIT_MAGIC: &[u8; 8] = b"SHFLEND1";
 const VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 8;
 /// Payload bytes per chunk written.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 1024 * 1024;
 /// Largest chunk accepted when reading (anything larger is not ours).
 const MAX_CHUNK: usize = 16 * 1024 * 1024;
 
@@ -182,7 +182,10 @@ impl FrameWriter {
         if len == 0 {
             return;
         }
-        let crc = crc32fast::hash(&self.chunk[8..]);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&self.chunk[8..]);
+        self.total.combine(&hasher);
+        let crc = hasher.finalize();
         self.chunk[..4].copy_from_slice(&(len as u32).to_be_bytes());
         self.chunk[4..8].copy_from_slice(&crc.to_be_bytes());
         debug_assert!(self.out.is_empty());
@@ -223,7 +226,6 @@ impl AsyncWrite for StateWriter {
         let room = 8 + CHUNK - w.chunk.len();
         let n = room.min(buf.len());
         w.chunk.extend_from_slice(&buf[..n]);
-        w.total.update(&buf[..n]);
         w.total_len += n as u64;
         if w.chunk.len() == 8 + CHUNK {
             w.seal_chunk();
@@ -379,12 +381,14 @@ impl AsyncRead for StateReader {
                     let crc =
                         u32::from_be_bytes([this.buf[0], this.buf[1], this.buf[2], this.buf[3]]);
                     let payload = &this.buf[4..];
-                    if crc32fast::hash(payload) != crc {
+                    let mut hasher = crc32fast::Hasher::new();
+                    hasher.update(payload);
+                    this.total.combine(&hasher);
+                    if hasher.finalize() != crc {
                         return Poll::Ready(Err(
                             StateError::Corrupt("chunk checksum mismatch").into()
                         ));
                     }
-                    this.total.update(payload);
                     this.total_len += payload.len() as u64;
                     this.served = 4;
                     this.step = Step::Serve;
@@ -481,10 +485,12 @@ pub(crate) fn verify_file(file: &mut std::fs::File) -> Result<Option<Header>, St
         chunk.resize(4 + len, 0);
         r.read_exact(&mut chunk).map_err(torn(total_len))?;
         let crc = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        if crc32fast::hash(&chunk[4..]) != crc {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&chunk[4..]);
+        total.combine(&hasher);
+        if hasher.finalize() != crc {
             return Err(StateError::Corrupt("chunk checksum mismatch"));
         }
-        total.update(&chunk[4..]);
         total_len += len as u64;
     }
     drop(r);
