@@ -155,7 +155,7 @@ impl LifecycleHandler for AppState {
         w.write_u64(padding).await?;
         let steps = 10u64;
         let pause = Duration::from_millis(self.config.state_write_delay_ms / steps);
-        let block = vec![0xA5u8; 1 << 20];
+        let block = vec![0xA5u8; (padding as usize).min(1 << 20)];
         let mut left = padding;
         for step in 0..steps {
             let share = if step + 1 == steps {

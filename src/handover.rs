@@ -67,9 +67,20 @@ async fn start_and_confirm(ctx: &mut Context, started: Instant) -> Result<Handov
         if failure.reader_gone {
             // The successor closed its end: most likely it failed or exited, and its own
             // report (a reason, an exit status, a signal) says why better than EPIPE.
-            let verdict = successor.wait_ready(REPORT_WAIT).await;
-            if let Err(why @ (NotReady::Exited(_) | NotReady::Failed { .. })) = verdict {
-                return Err(RestartError::from_not_ready(pid, why));
+            match successor.wait_ready(REPORT_WAIT).await {
+                Err(why @ (NotReady::Exited(_) | NotReady::Failed { .. })) => {
+                    return Err(RestartError::from_not_ready(pid, why));
+                }
+                // It declared itself ready without reading the whole state (it closes an
+                // unread state at readiness): its choice, and it may be serving already.
+                Ok(()) => {
+                    tracing::warn!(
+                        pid,
+                        "restart: the successor is ready without reading the whole state"
+                    );
+                    return Ok(succeeded(successor, pid, started));
+                }
+                Err(NotReady::Timeout(_)) => {}
             }
         }
         let status = successor.kill_and_reap().await;
@@ -91,11 +102,16 @@ async fn start_and_confirm(ctx: &mut Context, started: Instant) -> Result<Handov
         };
         return Err(RestartError::from_not_ready(pid, why));
     }
+    Ok(succeeded(successor, pid, started))
+}
+
+/// The successor is ready: it is systemd's main process now, and reaped whenever it exits.
+fn succeeded(successor: Successor, pid: u32, started: Instant) -> Handover {
     tracing::info!(pid, elapsed = ?started.elapsed(), "restart: successor ready");
     systemd::notify(&[sd_notify::NotifyState::MainPid(pid)]);
     successor.reap_in_background();
-    Ok(Handover {
+    Handover {
         new_pid: Some(pid),
         exit_code: 0,
-    })
+    }
 }

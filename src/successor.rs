@@ -89,16 +89,12 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 
 fn spawn_now(req: SpawnRequest) -> io::Result<Pid> {
     let n = req.fds.len() as RawFd;
-    // Move every descriptor above the target range first (close-on-exec copies), so that
-    // placing one at 3+i never overwrites another one still to be placed.
+    // Every descriptor must sit above the target range, so that placing one at 3+i never
+    // overwrites another one still to be placed.
     let high: Vec<OwnedFd> = req
         .fds
-        .iter()
-        .map(|fd| {
-            let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(FIRST_FD + n))?;
-            // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it.
-            Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-        })
+        .into_iter()
+        .map(|fd| dup_above(fd, FIRST_FD + n))
         .collect::<nix::Result<_>>()?;
     let mut actions = PosixSpawnFileActions::init()?;
     for (i, fd) in high.iter().enumerate() {
@@ -140,6 +136,16 @@ fn spawn_now(req: SpawnRequest) -> io::Result<Pid> {
     Ok(pid)
 }
 
+/// `fd` itself when its number is at least `min`, else a close-on-exec copy that is.
+fn dup_above(fd: OwnedFd, min: RawFd) -> nix::Result<OwnedFd> {
+    if fd.as_raw_fd() >= min {
+        return Ok(fd);
+    }
+    let raw = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// How a successor stopped before it was ready.
 pub(crate) fn describe(status: &WaitStatus) -> String {
     match status {
@@ -179,6 +185,7 @@ impl Successor {
         mode: Mode,
     ) -> io::Result<Successor> {
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let extra = extra_fds.len() + 1;
         let (mut names, mut fds) = registry.with_fds(|list| {
             // A validation run gets the listeners, never the connections: it must not read
             // from a client the serving generation is still talking to.
@@ -190,10 +197,17 @@ impl Successor {
                 })
                 .collect();
             let names: Vec<String> = list.iter().map(|(n, _)| (*n).to_owned()).collect();
+            // Copied straight above the range the successor's descriptors will occupy, so
+            // that the spawner need not copy them again.
+            let min = FIRST_FD + (list.len() + extra) as RawFd;
             let fds = list
                 .iter()
-                .map(|(_, fd)| fd.try_clone_to_owned())
-                .collect::<io::Result<Vec<OwnedFd>>>();
+                .map(|(_, fd)| {
+                    let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(min))?;
+                    // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it.
+                    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+                })
+                .collect::<nix::Result<Vec<OwnedFd>>>();
             fds.map(|f| (names, f))
         })?;
         for (name, fd) in extra_fds {
