@@ -1,3 +1,282 @@
-fn main() {
-    println!("benchmarks: see BENCHMARKS.md");
+//! The benchmark driver: `cargo run --release -p shellflip-bench -- <benchmark> [options]`.
+//!
+//! Every benchmark builds what it starts (the example service and the bench services), runs
+//! its comparisons inside one run, prints a markdown table and writes it to
+//! `bench/results/<benchmark>.md`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use shellflip_bench::load::{Flavor, LoadOptions};
+use shellflip_bench::{env, idle, latency, load, scaling, state};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of shellflip (see BENCHMARKS.md)")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+    /// Do not build the example service and the bench services first.
+    #[arg(long, global = true)]
+    no_build: bool,
+}
+
+#[derive(Args, Clone, Copy)]
+struct LoadArgs {
+    /// Concurrent connections of the load.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Restarts per repeat.
+    #[arg(long)]
+    restarts: Option<usize>,
+    /// Repeats per service and mode.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Milliseconds between restart requests.
+    #[arg(long, default_value_t = 250)]
+    interval_ms: u64,
+    /// Only keep-alive connections.
+    #[arg(long, conflicts_with = "new_only")]
+    keepalive_only: bool,
+    /// Only a new connection per request.
+    #[arg(long)]
+    new_only: bool,
+    /// Deadline of one request, milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+}
+
+impl LoadArgs {
+    fn options(self, default_restarts: usize) -> LoadOptions {
+        LoadOptions {
+            connections: self.connections,
+            restarts: self.restarts.unwrap_or(default_restarts),
+            repeats: self.repeats,
+            interval: Duration::from_millis(self.interval_ms),
+            keepalive: !self.new_only,
+            new_connections: !self.keepalive_only,
+            timeout: Duration::from_millis(self.timeout_ms),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Failed requests under continuous load while the example service restarts every 250 ms.
+    Load(LoadArgs),
+    /// The same load against ecdysis 1.1.1 and shellflip 2.1.3, in the same run.
+    Peers(LoadArgs),
+    /// The load against a service started elsewhere (the systemd half, in a container: see
+    /// scripts/bench-systemd.sh), restarted by a command that exits 0 once the restart is done.
+    External {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// The service's HTTP address.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// The restart command, split on whitespace.
+        #[arg(long)]
+        restart_cmd: String,
+        /// The service's label in the tables.
+        #[arg(long)]
+        label: String,
+        /// Results go to bench/results/<name>.md and <name>.svg.
+        #[arg(long)]
+        name: String,
+    },
+    /// Restart latency beside the floor (posix_spawn of the same binary until ready).
+    Latency {
+        /// Restarts (and floor start-ups).
+        #[arg(long, default_value_t = 120)]
+        restarts: usize,
+    },
+    /// Restart latency against held memory, listeners and state size.
+    Scaling {
+        /// Restarts per point.
+        #[arg(long, default_value_t = 15)]
+        restarts: usize,
+        /// Restarts for the 1 GiB state.
+        #[arg(long, default_value_t = 6)]
+        restarts_big_state: usize,
+        /// Only one dimension: memory, listeners or state.
+        #[arg(long)]
+        only: Option<String>,
+    },
+    /// State handover throughput beside a raw pipe, a raw memfd and a memory copy.
+    State {
+        /// Repeats per size (default 10, 7 and 5 for 1 MiB, 64 MiB and 1 GiB).
+        #[arg(long)]
+        repeats: Option<usize>,
+    },
+    /// Idle cost: memory, threads, descriptors with and without shellflip.
+    Idle {
+        /// Fresh starts of each service.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let bins = match env::prepare(!cli.no_build) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("shellflip-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let revision = env::revision();
+    // From here on this process reaps every generation it starts (and nothing else may wait).
+    shellflip_bench::proc::start_reaper();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("shellflip-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let machine = env::machine();
+    let (name, command, result) = runtime.block_on(async {
+        match cli.bench {
+            Bench::Load(a) => {
+                let o = a.options(70);
+                let r = load::compare(&bins, &[Flavor::Ours], o).await.map(|(series, pics)| {
+                    let svg = load::picture(&pics, "shellflip 3 example service");
+                    let path = env::results_dir().join("latency.svg");
+                    match std::fs::create_dir_all(env::results_dir())
+                        .and_then(|_| std::fs::write(&path, svg))
+                    {
+                        Ok(()) => eprintln!("picture written to {}", path.display()),
+                        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+                    }
+                    format!(
+                        "{}\n{}",
+                        load::failure_table(&series).render(),
+                        load::latency_table(&series).render()
+                    )
+                });
+                ("load", format!("load: {}", describe(&o)), r)
+            }
+            Bench::Peers(a) => {
+                let o = a.options(25);
+                let r = load::compare(
+                    &bins,
+                    &[Flavor::Ours, Flavor::Ecdysis, Flavor::Shellflip2],
+                    o,
+                )
+                .await
+                .map(|(series, _)| {
+                    format!(
+                        "{}\n{}",
+                        load::failure_table(&series).render(),
+                        load::latency_table(&series).render()
+                    )
+                });
+                ("peers", format!("peers: {}", describe(&o)), r)
+            }
+            Bench::External {
+                load: a,
+                addr,
+                restart_cmd,
+                label,
+                name,
+            } => {
+                let o = a.options(70);
+                let cmd: Vec<String> = restart_cmd.split_whitespace().map(str::to_owned).collect();
+                let svc = load::Service::external(addr, cmd);
+                let r = load::compare_services(vec![(label.clone(), svc)], o)
+                    .await
+                    .map(|(series, pics)| {
+                        let svg = load::picture(&pics, &label);
+                        let path = env::results_dir().join(format!("{name}.svg"));
+                        match std::fs::write(&path, svg) {
+                            Ok(()) => eprintln!("picture written to {}", path.display()),
+                            Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+                        }
+                        format!(
+                            "{}\n{}",
+                            load::failure_table(&series).render(),
+                            load::latency_table(&series).render()
+                        )
+                    });
+                let name: &'static str = Box::leak(name.into_boxed_str());
+                (
+                    name,
+                    format!("external ({restart_cmd}): {}", describe(&o)),
+                    r,
+                )
+            }
+            Bench::Latency { restarts } => (
+                "latency",
+                format!("latency: {restarts} restarts interleaved with {restarts} floor start-ups"),
+                latency::run(&bins, restarts).await,
+            ),
+            Bench::Scaling {
+                restarts,
+                restarts_big_state,
+                only,
+            } => {
+                let pick = |dim: &str, v: Vec<usize>| match &only {
+                    Some(o) if o != dim => Vec::new(),
+                    _ => v,
+                };
+                let o = scaling::ScalingOptions {
+                    restarts,
+                    restarts_big_state,
+                    memory_mib: pick("memory", vec![0, 256, 1024]),
+                    listeners: pick("listeners", vec![1, 100, 1000]),
+                    state_mib: pick("state", vec![1, 64, 1024]),
+                };
+                (
+                    "scaling",
+                    format!(
+                        "scaling: {restarts} restarts per point ({restarts_big_state} for 1 GiB of state)"
+                    ),
+                    scaling::run(&bins, &o).await,
+                )
+            }
+            Bench::State { repeats } => {
+                let o = state::StateOptions {
+                    sizes: vec![
+                        (1, repeats.unwrap_or(10)),
+                        (64, repeats.unwrap_or(7)),
+                        (1024, repeats.unwrap_or(5)),
+                    ],
+                };
+                ("state", "state".to_owned(), state::run(&bins, &o).await)
+            }
+            Bench::Idle { repeats } => (
+                "idle",
+                format!("idle: {repeats} fresh starts of each service"),
+                idle::run(&bins, repeats).await,
+            ),
+        }
+    });
+    match result {
+        Ok(table) => {
+            let text = format!("Machine: {machine}\nCode: {revision}\nRun: {command}\n\n{table}");
+            println!("{text}");
+            env::save(name, &text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shellflip-bench {name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn describe(o: &LoadOptions) -> String {
+    format!(
+        "{} connections, {} repeats of {} restarts every {} ms per service and mode, request deadline {} ms",
+        o.connections,
+        o.repeats,
+        o.restarts,
+        o.interval.as_millis(),
+        o.timeout.as_millis()
+    )
 }
