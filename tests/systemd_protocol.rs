@@ -399,3 +399,83 @@ fn store_restart_validation_and_torn_state() {
     assert!(status.contains("torn"), "{status}");
     drop(gen3);
 }
+
+/// Connections kept in the store can come back dead (the client left during the restart): the
+/// next generation drops them from the store and starts anyway (B5).
+#[test]
+fn dead_stored_connections_are_dropped_and_start_up_goes_on() {
+    let setup = Setup::new();
+    let mut systemd = FakeSystemd::new(setup.dir.path());
+    let mut gen0 = setup.start(&systemd, 0);
+    systemd.wait_for("READY=1", LIMIT, &gen0.log);
+
+    // Three echo clients: one will reset, one will close normally, one stays.
+    let connect = || {
+        let s = TcpStream::connect(setup.echo).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut greeting = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut greeting)
+            .unwrap();
+        assert!(greeting.starts_with("generation=0 "), "{greeting}");
+        s
+    };
+    let reset = connect();
+    let closed = connect();
+    let mut stays = connect();
+
+    // SAFETY: kill with the PID of a child this test started.
+    unsafe { libc::kill(gen0.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_exit(&mut gen0, LIMIT).code(), Some(0));
+    systemd.drain();
+    let kept = |s: &FakeSystemd| s.store.keys().filter(|k| k.starts_with("echo.")).count();
+    assert_eq!(kept(&systemd), 3, "{:?}", systemd.store.keys());
+
+    // While nobody serves: one client resets its connection, one closes it.
+    reset_on_close(&reset);
+    drop(reset);
+    drop(closed);
+
+    let gen1 = setup.start(&systemd, 1);
+    systemd.wait_for("READY=1", LIMIT, &gen1.log);
+    // The one that stayed is served by the new generation.
+    stays.write_all(b"after\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(stays.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "after\n");
+    // The two that left are gone from the store: the reset one when it was taken back, the
+    // closed one once its end of file was read.
+    let start = Instant::now();
+    while kept(&systemd) != 1 && start.elapsed() < LIMIT {
+        systemd.receive();
+    }
+    assert_eq!(
+        kept(&systemd),
+        1,
+        "store: {:?}\nlog:\n{}",
+        systemd.store.keys(),
+        std::fs::read_to_string(&gen1.log).unwrap_or_default()
+    );
+    assert!(get(setup.http).starts_with("generation=1 "));
+}
+
+/// Makes `close` send a reset instead of a normal end of stream.
+fn reset_on_close(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a pointer to a properly sized linger value.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
