@@ -12,6 +12,7 @@ pub mod load;
 pub mod loadgen;
 pub mod proc;
 pub mod scaling;
+pub mod sdunit;
 pub mod state;
 pub mod stats;
 pub mod svc;

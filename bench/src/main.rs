@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use shellflip_bench::load::{Flavor, LoadOptions};
-use shellflip_bench::{env, idle, latency, load, scaling, state};
+use shellflip_bench::{env, idle, latency, load, scaling, sdunit, state};
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of shellflip (see BENCHMARKS.md)")]
@@ -83,6 +83,53 @@ enum Bench {
         /// Results go to bench/results/<name>.md and <name>.svg.
         #[arg(long)]
         name: String,
+    },
+    /// The systemd lifecycle's accept gap and READY=1 timing, against the example unit in a
+    /// container (see scripts/bench-systemd-store.sh): a probe connects every millisecond.
+    SystemdGap {
+        /// The service's HTTP address.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// The command that runs systemctl in the container, split on whitespace.
+        #[arg(long)]
+        systemctl: String,
+        /// The unit.
+        #[arg(long, default_value = "restarter")]
+        unit: String,
+        /// `restart`, or `reload` for the fork/exec unit.
+        #[arg(long, default_value = "restart")]
+        verb: String,
+        /// Restarts.
+        #[arg(long, default_value_t = 60)]
+        restarts: usize,
+        /// Milliseconds between restarts.
+        #[arg(long, default_value_t = 200)]
+        pause_ms: u64,
+        /// Microseconds between probe connections.
+        #[arg(long, default_value_t = 1000)]
+        probe_us: u64,
+        /// Results go to bench/results/<name>.md.
+        #[arg(long, default_value = "systemd-gap")]
+        name: String,
+    },
+    /// Echo clients kept in systemd's file descriptor store across `systemctl restart`
+    /// (see scripts/bench-systemd-store.sh).
+    SystemdStore {
+        /// The service's echo address.
+        #[arg(long)]
+        echo: std::net::SocketAddr,
+        /// The command that runs systemctl in the container, split on whitespace.
+        #[arg(long)]
+        systemctl: String,
+        /// The unit.
+        #[arg(long, default_value = "restarter")]
+        unit: String,
+        /// Client counts, comma-separated.
+        #[arg(long, default_value = "0,1,100,1000", value_delimiter = ',')]
+        clients: Vec<usize>,
+        /// Restarts per count.
+        #[arg(long, default_value_t = 20)]
+        restarts: usize,
     },
     /// Restart latency beside the floor (posix_spawn of the same binary until ready).
     Latency {
@@ -209,6 +256,55 @@ fn main() -> ExitCode {
                     format!("external ({restart_cmd}): {}", describe(&o)),
                     r,
                 )
+            }
+            Bench::SystemdGap {
+                addr,
+                systemctl,
+                unit,
+                verb,
+                restarts,
+                pause_ms,
+                probe_us,
+                name,
+            } => {
+                let o = sdunit::GapOptions {
+                    http: addr,
+                    verb,
+                    restarts,
+                    pause: Duration::from_millis(pause_ms),
+                    probe_every: Duration::from_micros(probe_us),
+                    unit: sdunit::Unit {
+                        systemctl: systemctl.split_whitespace().map(str::to_owned).collect(),
+                        name: unit.clone(),
+                    },
+                };
+                let command = format!(
+                    "systemd-gap: {restarts} × `systemctl {} {unit}` {pause_ms} ms apart, a new probe connection every {probe_us} µs",
+                    o.verb
+                );
+                let name: &'static str = Box::leak(name.into_boxed_str());
+                (name, command, sdunit::gap(&o).await.map_err(std::io::Error::other))
+            }
+            Bench::SystemdStore {
+                echo,
+                systemctl,
+                unit,
+                clients,
+                restarts,
+            } => {
+                let command = format!(
+                    "systemd-store: {restarts} × `systemctl restart {unit}` per count of echo clients ({clients:?})"
+                );
+                let o = sdunit::StoreOptions {
+                    echo,
+                    counts: clients,
+                    restarts,
+                    unit: sdunit::Unit {
+                        systemctl: systemctl.split_whitespace().map(str::to_owned).collect(),
+                        name: unit,
+                    },
+                };
+                ("systemd-store", command, sdunit::store(&o).await.map_err(std::io::Error::other))
             }
             Bench::Latency { restarts } => (
                 "latency",

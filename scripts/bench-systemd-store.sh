@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The systemd lifecycle measured from outside, in a throw-away container (scripts/container.sh;
+# systemd never runs on the machine itself), with the example units of examples/systemd/
+# unchanged (a drop-in sets the addresses, RUST_LOG=warn and, for the 1000 echo clients, a
+# descriptor limit: see below):
+#
+#   systemd-gap     `systemctl restart restarter` RESTARTS times while a probe on the machine
+#                   opens a new connection to the HTTP port every millisecond: issued → READY=1,
+#                   and the gap between the old process's last answer and the new one's first;
+#                   the same probe across `systemctl reload restarter-forkexec` for comparison
+#   systemd-store   0, 1, 100 and 1000 echo clients kept in systemd's store across
+#                   STORE_RESTARTS `systemctl restart`s each; every client must echo after each
+#
+#   scripts/bench-systemd-store.sh
+#   RESTARTS=60 STORE_RESTARTS=20 CLIENTS=0,1,100,1000 scripts/bench-systemd-store.sh
+#
+# Needs root. Writes bench/results/systemd-gap.md, systemd-gap-forkexec.md, systemd-store.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/container.sh
+source scripts/container.sh
+
+RESTARTS=${RESTARTS:-60}
+STORE_RESTARTS=${STORE_RESTARTS:-20}
+CLIENTS=${CLIENTS:-0,1,100,1000}
+# The service holds one descriptor per echo client while it serves them; systemd's default
+# soft limit (1024) is too low for 1000. Only this test's drop-in raises it.
+NOFILE=${NOFILE:-8192}
+
+work=""
+cleanup() {
+    set +e
+    container_shutdown
+    [[ -z $work ]] || rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [[ $(id -u) != 0 ]]; then
+    echo "bench-systemd-store: systemd-nspawn needs root" >&2
+    exit 1
+fi
+container_ensure_nspawn
+
+if [[ ${NO_BUILD:-} != 1 ]]; then
+    cargo build --release --all-features --example restarter --bin shellflip
+    cargo build --release -p shellflip-bench
+fi
+target=$(cargo metadata --format-version 1 --no-deps |
+    /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+bench=$target/release/shellflip-bench
+work=$(mktemp -d "${TMPDIR:-/tmp}/shellflip-bench-systemd-store.XXXXXX")
+chmod 755 "$work"
+mkdir "$work/bin"
+cp "$target/release/examples/restarter" "$target/release/shellflip" "$work/bin/"
+cp examples/systemd/restarter.service examples/systemd/restarter-forkexec.service "$work/"
+printf 'greeting = "bench-systemd-store"\n' >"$work/restarter.toml"
+
+read -r http_port echo_port fe_http_port fe_echo_port < <(/usr/bin/python3 -c '
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))')
+
+container_boot "shellflip-bench-store-$$" "$work"
+c() { container_exec "$@"; }
+for unit in restarter restarter-forkexec; do
+    c cp "/opt/t/$unit.service" /run/systemd/system/
+    c mkdir -p "/run/systemd/system/$unit.service.d"
+done
+c tee /run/systemd/system/restarter.service.d/bench.conf >/dev/null <<CONF
+[Service]
+Environment=HTTP=127.0.0.1:$http_port ECHO=127.0.0.1:$echo_port RUST_LOG=warn
+CONF
+c tee /run/systemd/system/restarter-forkexec.service.d/bench.conf >/dev/null <<CONF
+[Service]
+Environment=HTTP=127.0.0.1:$fe_http_port ECHO=127.0.0.1:$fe_echo_port RUST_LOG=warn
+CONF
+c systemctl daemon-reload
+c systemctl start restarter restarter-forkexec
+default_nofile=$(c systemctl show -p LimitNOFILE,LimitNOFILESoft restarter | tr '\n' ' ')
+
+systemctl_cmd="nsenter -t $CONTAINER_PID -a systemctl"
+"$bench" --no-build systemd-gap --addr "127.0.0.1:$http_port" --systemctl "$systemctl_cmd" \
+    --unit restarter --verb restart --restarts "$RESTARTS"
+"$bench" --no-build systemd-gap --addr "127.0.0.1:$fe_http_port" --systemctl "$systemctl_cmd" \
+    --unit restarter-forkexec --verb reload --restarts "$RESTARTS" --name systemd-gap-forkexec
+c systemctl stop restarter-forkexec || true
+
+echo "the unit's default descriptor limit: $default_nofile; raising it to $NOFILE in the test drop-in" >&2
+c tee /run/systemd/system/restarter.service.d/nofile.conf >/dev/null <<CONF
+[Service]
+LimitNOFILE=$NOFILE
+CONF
+c systemctl daemon-reload
+c systemctl restart restarter
+"$bench" --no-build systemd-store --echo "127.0.0.1:$echo_port" --systemctl "$systemctl_cmd" \
+    --unit restarter --clients "$CLIENTS" --restarts "$STORE_RESTARTS"
+echo "journal warnings of restarter (last 20):" >&2
+c journalctl -u restarter -b --no-pager -p warning | tail -n 20 >&2 || true
