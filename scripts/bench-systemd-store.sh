@@ -19,6 +19,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/container.sh
 source scripts/container.sh
+# shellcheck source=scripts/bench-systemd-setup.sh
+source scripts/bench-systemd-setup.sh
 
 RESTARTS=${RESTARTS:-60}
 STORE_RESTARTS=${STORE_RESTARTS:-20}
@@ -41,43 +43,7 @@ if [[ $(id -u) != 0 ]]; then
 fi
 container_ensure_nspawn
 
-if [[ ${NO_BUILD:-} != 1 ]]; then
-    cargo build --release --all-features --example restarter --bin shellflip
-    cargo build --release -p shellflip-bench
-fi
-target=$(cargo metadata --format-version 1 --no-deps |
-    /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-bench=$target/release/shellflip-bench
-work=$(mktemp -d "${TMPDIR:-/tmp}/shellflip-bench-systemd-store.XXXXXX")
-chmod 755 "$work"
-mkdir "$work/bin"
-cp "$target/release/examples/restarter" "$target/release/shellflip" "$work/bin/"
-cp examples/systemd/restarter.service examples/systemd/restarter-forkexec.service "$work/"
-printf 'greeting = "bench-systemd-store"\n' >"$work/restarter.toml"
-
-read -r http_port echo_port fe_http_port fe_echo_port < <(/usr/bin/python3 -c '
-import socket
-socks = [socket.socket() for _ in range(4)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))')
-
-container_boot "shellflip-bench-store-$$" "$work"
-c() { container_exec "$@"; }
-for unit in restarter restarter-forkexec; do
-    c cp "/opt/t/$unit.service" /run/systemd/system/
-    c mkdir -p "/run/systemd/system/$unit.service.d"
-done
-c tee /run/systemd/system/restarter.service.d/bench.conf >/dev/null <<CONF
-[Service]
-Environment=HTTP=127.0.0.1:$http_port ECHO=127.0.0.1:$echo_port RUST_LOG=warn
-CONF
-c tee /run/systemd/system/restarter-forkexec.service.d/bench.conf >/dev/null <<CONF
-[Service]
-Environment=HTTP=127.0.0.1:$fe_http_port ECHO=127.0.0.1:$fe_echo_port RUST_LOG=warn
-CONF
-c systemctl daemon-reload
-c systemctl start restarter restarter-forkexec
+bench_systemd_setup bench-systemd-store
 default_nofile=$(c systemctl show -p LimitNOFILE,LimitNOFILESoft restarter | tr '\n' ' ')
 
 systemctl_cmd="nsenter -t $CONTAINER_PID -a systemctl"
