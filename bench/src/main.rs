@@ -194,17 +194,8 @@ fn main() -> ExitCode {
                 let r = load::compare(&bins, &[Flavor::Ours], o).await.map(|(series, pics)| {
                     let svg = load::picture(&pics, "shellflip 3 example service");
                     let path = env::results_dir().join("latency.svg");
-                    match std::fs::create_dir_all(env::results_dir())
-                        .and_then(|_| std::fs::write(&path, svg))
-                    {
-                        Ok(()) => eprintln!("picture written to {}", path.display()),
-                        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
-                    }
-                    format!(
-                        "{}\n{}",
-                        load::failure_table(&series).render(),
-                        load::latency_table(&series).render()
-                    )
+                    write_picture(&path, &svg);
+                    tables(&series)
                 });
                 ("load", format!("load: {}", describe(&o)), r)
             }
@@ -217,11 +208,7 @@ fn main() -> ExitCode {
                 )
                 .await
                 .map(|(series, _)| {
-                    format!(
-                        "{}\n{}",
-                        load::failure_table(&series).render(),
-                        load::latency_table(&series).render()
-                    )
+                    tables(&series)
                 });
                 ("peers", format!("peers: {}", describe(&o)), r)
             }
@@ -240,15 +227,8 @@ fn main() -> ExitCode {
                     .map(|(series, pics)| {
                         let svg = load::picture(&pics, &label);
                         let path = env::results_dir().join(format!("{name}.svg"));
-                        match std::fs::write(&path, svg) {
-                            Ok(()) => eprintln!("picture written to {}", path.display()),
-                            Err(e) => eprintln!("cannot write {}: {e}", path.display()),
-                        }
-                        format!(
-                            "{}\n{}",
-                            load::failure_table(&series).render(),
-                            load::latency_table(&series).render()
-                        )
+                        write_picture(&path, &svg);
+                        tables(&series)
                     });
                 let name: &'static str = Box::leak(name.into_boxed_str());
                 (
@@ -363,6 +343,23 @@ fn main() -> ExitCode {
             eprintln!("shellflip-bench {name}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The failure and latency tables of a load run.
+fn tables(series: &[load::Series]) -> String {
+    format!(
+        "{}\n{}",
+        load::failure_table(series).render(),
+        load::latency_table(series).render()
+    )
+}
+
+/// Writes a picture into the results directory, saying where (or why not).
+fn write_picture(path: &std::path::Path, svg: &str) {
+    match std::fs::create_dir_all(env::results_dir()).and_then(|_| std::fs::write(path, svg)) {
+        Ok(()) => eprintln!("picture written to {}", path.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
     }
 }
 
