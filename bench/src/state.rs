@@ -112,15 +112,7 @@ fn raw_pipe(bytes: u64, big: bool) -> std::io::Result<Duration> {
         Ok(())
     });
     let mut r = std::fs::File::from(r);
-    let mut buf = vec![0u8; BLOCK];
-    let mut got = 0u64;
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-    }
+    let got = drain(&mut r)?;
     let elapsed = started.elapsed();
     writer
         .join()
@@ -148,15 +140,7 @@ fn raw_memfd(bytes: u64) -> std::io::Result<Duration> {
         left -= n as u64;
     }
     f.seek(SeekFrom::Start(0))?;
-    let mut buf = vec![0u8; BLOCK];
-    let mut got = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-    }
+    let got = drain(&mut f)?;
     let elapsed = started.elapsed();
     if got != bytes {
         return Err(std::io::Error::other("short memfd read"));
@@ -198,7 +182,7 @@ async fn tokio_pipe(bytes: u64) -> std::io::Result<Duration> {
 }
 
 async fn tokio_memfd(bytes: u64) -> std::io::Result<Duration> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+    use tokio::io::{AsyncSeekExt, AsyncWriteExt};
     // SAFETY: memfd_create takes a NUL-terminated name and flags and returns a new descriptor.
     let fd = unsafe { libc::memfd_create(c"bench".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -217,15 +201,7 @@ async fn tokio_memfd(bytes: u64) -> std::io::Result<Duration> {
     }
     f.flush().await?;
     f.seek(SeekFrom::Start(0)).await?;
-    let mut buf = vec![0u8; BLOCK];
-    let mut got = 0u64;
-    loop {
-        let n = f.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-    }
+    let got = drain_async(&mut f).await?;
     let elapsed = started.elapsed();
     if got != bytes {
         return Err(std::io::Error::other("short tokio memfd read"));
@@ -505,4 +481,31 @@ pub async fn run(bins: &Bins, o: &StateOptions) -> std::io::Result<String> {
         }
     }
     Ok(t.render())
+}
+
+/// Reads `r` to its end in `BLOCK`-sized reads, keeping nothing; returns how many bytes came.
+fn drain(r: &mut impl Read) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; BLOCK];
+    let mut got = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(got);
+        }
+        got += n as u64;
+    }
+}
+
+/// [`drain`] for an async reader.
+async fn drain_async(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<u64> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; BLOCK];
+    let mut got = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(got);
+        }
+        got += n as u64;
+    }
 }
