@@ -22,10 +22,13 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
-use crate::restart::RestartError;
+use crate::config::RestartConfig;
+use crate::inherit::{self, CONTROL_FD};
+use crate::outcome::{RestartError, SetupError};
+use crate::registry::{Kind, classify};
 
 /// Largest frame accepted, either way.
-pub const MAX_FRAME: usize = 64 * 1024;
+pub(crate) const MAX_FRAME: usize = 64 * 1024;
 /// How long a client has to send its request, and the server to write an answer.
 const IO_DEADLINE: Duration = Duration::from_secs(5);
 /// Connections served at once; more are told to come back later.
@@ -33,7 +36,7 @@ const MAX_CONNECTIONS: usize = 64;
 
 /// Any message on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RestartMessage {
+pub(crate) enum RestartMessage {
     /// From the client.
     Request(RestartRequest),
     /// From the service.
@@ -42,8 +45,7 @@ pub enum RestartMessage {
 
 /// A request to the service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum RestartRequest {
+pub(crate) enum RestartRequest {
     /// Restart now; answered once the outcome is known.
     TryRestart,
     /// Report the service's status.
@@ -52,8 +54,7 @@ pub enum RestartRequest {
 
 /// The service's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum RestartResponse {
+pub(crate) enum RestartResponse {
     /// The restart succeeded; the new process has this PID.
     RestartComplete(u32),
     /// The restart failed (or was refused); the reason.
@@ -62,23 +63,73 @@ pub enum RestartResponse {
     Status(Status),
 }
 
-/// What a service reports about itself.
+/// What a service reports about itself (`shellflip status`, [`RestartHandle::status`](crate::RestartHandle::status)).
+///
+/// Serialized as JSON on the control socket and by `shellflip status --json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Status {
     /// The PID of the process that answered.
     pub pid: u32,
     /// Its generation (0 when started fresh).
     pub generation: u64,
-    /// `fork-exec` or `systemd`.
-    pub lifecycle: String,
+    /// Its lifecycle.
+    pub lifecycle: LifecycleKind,
     /// Whether it declared itself ready.
     pub ready: bool,
     /// Whether a restart is running now.
     pub restart_in_progress: bool,
-    /// The outcome of the last restart this process attempted, if any.
-    pub last_result: Option<String>,
+    /// The outcome of the last restart this process attempted, if any (a successful one ends
+    /// the process, so only failures are seen here).
+    pub last_result: Option<LastRestart>,
     /// What happened to the previous generation's state at start-up.
     pub state_on_start: String,
+}
+
+/// Which lifecycle a service runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum LifecycleKind {
+    /// The fork/exec handover ([`try_into_restart_task`](crate::RestartConfig::try_into_restart_task)).
+    ForkExec,
+    /// systemd's file descriptor store ([`try_into_systemd_restart_task`](crate::RestartConfig::try_into_systemd_restart_task)).
+    Systemd,
+}
+
+impl std::fmt::Display for LifecycleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LifecycleKind::ForkExec => "fork-exec",
+            LifecycleKind::Systemd => "systemd",
+        })
+    }
+}
+
+/// The outcome of the last restart a service attempted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+#[non_exhaustive]
+pub enum LastRestart {
+    /// It failed, or was refused; the service kept serving.
+    Failed {
+        /// How long it took, in milliseconds.
+        elapsed_ms: u64,
+        /// Why, as the initiator was told.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for LastRestart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LastRestart::Failed { elapsed_ms, reason } => write!(
+                f,
+                "failed after {:?}: {reason}",
+                Duration::from_millis(*elapsed_ms)
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for Status {
@@ -88,11 +139,10 @@ impl std::fmt::Display for Status {
         writeln!(f, "lifecycle: {}", self.lifecycle)?;
         writeln!(f, "ready: {}", self.ready)?;
         writeln!(f, "restart in progress: {}", self.restart_in_progress)?;
-        writeln!(
-            f,
-            "last restart: {}",
-            self.last_result.as_deref().unwrap_or("none")
-        )?;
+        match &self.last_result {
+            Some(last) => writeln!(f, "last restart: {last}")?,
+            None => writeln!(f, "last restart: none")?,
+        }
         write!(f, "state on start: {}", self.state_on_start)
     }
 }
@@ -114,8 +164,8 @@ pub enum ControlError {
     #[error("{0}")]
     RestartFailed(String),
     /// An answer that does not fit the request.
-    #[error("control socket: unexpected answer {0:?}")]
-    Unexpected(Box<RestartMessage>),
+    #[error("control socket: unexpected answer {0}")]
+    Unexpected(String),
     /// No answer in time.
     #[error("control socket: no answer within {0:?}")]
     Timeout(Duration),
@@ -173,7 +223,7 @@ impl RestartCoordinationSocket {
             RestartMessage::Response(RestartResponse::RestartFailed(why)) => {
                 Err(ControlError::RestartFailed(why))
             }
-            other => Err(ControlError::Unexpected(Box::new(other))),
+            other => Err(ControlError::Unexpected(format!("{other:?}"))),
         }
     }
 
@@ -186,12 +236,12 @@ impl RestartCoordinationSocket {
             RestartMessage::Response(RestartResponse::RestartFailed(why)) => {
                 Err(ControlError::RestartFailed(why))
             }
-            other => Err(ControlError::Unexpected(Box::new(other))),
+            other => Err(ControlError::Unexpected(format!("{other:?}"))),
         }
     }
 
     /// Sends one message.
-    pub async fn send_message(&mut self, msg: RestartMessage) -> Result<(), ControlError> {
+    pub(crate) async fn send_message(&mut self, msg: RestartMessage) -> Result<(), ControlError> {
         let bytes = serde_json::to_vec(&msg)?;
         self.codec
             .send(tokio_util::bytes::Bytes::from(bytes))
@@ -200,7 +250,7 @@ impl RestartCoordinationSocket {
     }
 
     /// Receives one message.
-    pub async fn receive_message(&mut self) -> Result<RestartMessage, ControlError> {
+    pub(crate) async fn receive_message(&mut self) -> Result<RestartMessage, ControlError> {
         use futures_util::StreamExt;
         let frame = self.codec.next().await.ok_or(ControlError::Closed)??;
         Ok(serde_json::from_slice(&frame)?)
@@ -303,6 +353,33 @@ pub(crate) fn bind(path: &Path, mode: u32) -> io::Result<std::os::unix::net::Uni
     }
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// The control socket's listener: inherited from the previous generation, or bound now; either
+/// way registered, so that the next generation inherits it.
+pub(crate) fn listener(config: &RestartConfig) -> Result<tokio::net::UnixListener, SetupError> {
+    let path = &config.coordination_socket_path;
+    let err = |source: io::Error| SetupError::ControlSocket {
+        path: path.clone(),
+        source,
+    };
+    let fd = match inherit::take(CONTROL_FD).map_err(|e| err(io::Error::other(e)))? {
+        Some(fd) if classify(std::os::fd::AsFd::as_fd(&fd)) == Kind::UnixListener => fd,
+        Some(_) => {
+            return Err(err(io::Error::other(
+                "the inherited control socket is not a listening Unix socket",
+            )));
+        }
+        None => bind(path, config.socket_mode).map_err(err)?.into(),
+    };
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true).map_err(err)?;
+    let keep = listener.try_clone().map_err(err)?;
+    config
+        .registry
+        .insert_internal(CONTROL_FD, keep.into(), Some(path.clone()))
+        .map_err(|e| err(io::Error::other(e)))?;
+    tokio::net::UnixListener::from_std(listener).map_err(err)
 }
 
 /// Accepts control connections until `stop` is cancelled; each in its own task.

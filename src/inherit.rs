@@ -52,6 +52,60 @@ pub(crate) const PROTOCOL_VARS: &[&str] = &[
 /// Names starting with this prefix are the library's own (state, readiness, control socket).
 pub(crate) const RESERVED_PREFIX: &str = "shellflip.";
 
+/// The control socket's listener.
+pub(crate) const CONTROL_FD: &str = "shellflip.control";
+/// The write end of the readiness pipe, handed to a successor (see [`ReadyLine`]).
+pub(crate) const READY_FD: &str = "shellflip.ready";
+/// The state: a pipe from the parent generation, or a memfd in systemd's store.
+pub(crate) const STATE_FD: &str = "shellflip.state";
+/// The connection of a control-socket client waiting in systemd's store for its answer.
+pub(crate) const INITIATOR_FD: &str = "shellflip.initiator";
+
+/// Longest failure reason carried on the readiness pipe.
+pub(crate) const MAX_REASON: usize = 4096;
+
+/// The one line a successor writes on its readiness pipe: `R\n` (ready) or `F<reason>\n`
+/// (start-up failed, with the application's reason, one line, at most [`MAX_REASON`] bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ReadyLine {
+    /// The successor has taken over.
+    Ready,
+    /// The successor's start-up failed, for this reason.
+    Failed(String),
+}
+
+impl ReadyLine {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        match self {
+            ReadyLine::Ready => b"R\n".to_vec(),
+            ReadyLine::Failed(reason) => {
+                let mut line = b"F".to_vec();
+                let reason = reason.replace('\n', " ");
+                let mut end = reason.len().min(MAX_REASON - 2);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                line.extend_from_slice(&reason.as_bytes()[..end]);
+                line.push(b'\n');
+                line
+            }
+        }
+    }
+
+    /// What the bytes read from the pipe say, or `None` when they say nothing (the successor
+    /// closed the pipe without a word, or wrote something that is not ours).
+    pub(crate) fn decode(bytes: &[u8]) -> Option<ReadyLine> {
+        let line = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+        match line.first() {
+            Some(b'R') => Some(ReadyLine::Ready),
+            Some(b'F') => Some(ReadyLine::Failed(
+                String::from_utf8_lossy(&line[1..]).trim_end().to_owned(),
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// A descriptor list in the environment that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -100,6 +154,135 @@ pub(crate) enum Mode {
     Validate,
 }
 
+/// What the environment says was handed to this process: the pure result of parsing it,
+/// before any descriptor is touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Description {
+    pub(crate) origin: Origin,
+    pub(crate) mode: Mode,
+    pub(crate) generation: u64,
+    /// The variable that counted the descriptors (for error messages).
+    pub(crate) count_var: &'static str,
+    /// The names of the descriptors at `FIRST_FD..`, in order.
+    pub(crate) names: Vec<String>,
+}
+
+/// Who this process is, for the PID checks of the protocol.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Identity {
+    pub(crate) pid: u32,
+    pub(crate) parent: u32,
+}
+
+impl Identity {
+    fn current() -> Identity {
+        Identity {
+            pid: std::process::id(),
+            parent: std::os::unix::process::parent_id(),
+        }
+    }
+}
+
+/// Parses the protocol's variables, read through `get`, for the process `me`. Touches no
+/// descriptor: [`open`] does that.
+pub(crate) fn parse(
+    get: &dyn Fn(&str) -> Option<OsString>,
+    me: Identity,
+) -> Result<Description, InheritError> {
+    let mut d = Description {
+        origin: Origin::Fresh,
+        mode: Mode::Serve,
+        generation: 0,
+        count_var: LISTEN_FDS,
+        names: Vec::new(),
+    };
+    if let Some(ppid) = get(ENV_PPID) {
+        let ppid = parse_number(ENV_PPID, Some(ppid))?;
+        if ppid != u64::from(me.parent) {
+            tracing::warn!(
+                "{ENV_PPID}={ppid} is not this process's parent: ignoring inherited descriptors"
+            );
+        } else {
+            d.generation = match get(ENV_GENERATION) {
+                Some(v) => parse_number(ENV_GENERATION, Some(v))?,
+                None => 0,
+            };
+            d.mode = match get(ENV_MODE).as_deref().and_then(OsStr::to_str) {
+                None | Some("serve") => Mode::Serve,
+                Some("validate") => Mode::Validate,
+                Some(other) => {
+                    return Err(malformed(ENV_MODE, other, "expected serve or validate"));
+                }
+            };
+            d.origin = Origin::Parent;
+            d.count_var = ENV_FDS;
+            d.names = parse_names(get, ENV_FDS, ENV_FDNAMES)?;
+            return Ok(d);
+        }
+    }
+    if let Some(pid) = get(LISTEN_PID) {
+        let pid = parse_number(LISTEN_PID, Some(pid))?;
+        if pid != u64::from(me.pid) {
+            tracing::debug!("{LISTEN_PID}={pid} is not this process: ignoring {LISTEN_FDS}");
+        } else {
+            d.names = parse_names(get, LISTEN_FDS, LISTEN_FDNAMES)?;
+            if d.names.iter().any(|n| n.starts_with(RESERVED_PREFIX)) {
+                d.origin = Origin::Systemd;
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// The names of the `count_var` descriptors, checked, in order.
+fn parse_names(
+    get: &dyn Fn(&str) -> Option<OsString>,
+    count_var: &'static str,
+    names_var: &'static str,
+) -> Result<Vec<String>, InheritError> {
+    let Some(count) = get(count_var) else {
+        return Ok(Vec::new());
+    };
+    let count = parse_number(count_var, Some(count))?;
+    if count > MAX_FDS as u64 {
+        return Err(malformed(
+            count_var,
+            &count.to_string(),
+            "too many descriptors",
+        ));
+    }
+    let count = count as usize;
+    let names = match get(names_var) {
+        Some(v) => {
+            let text = v
+                .to_str()
+                .ok_or_else(|| malformed(names_var, &v.to_string_lossy(), "not UTF-8"))?
+                .to_owned();
+            let names: Vec<String> = if text.is_empty() && count == 0 {
+                Vec::new()
+            } else {
+                text.split(':').map(str::to_owned).collect()
+            };
+            if names.len() != count {
+                return Err(malformed(
+                    names_var,
+                    &text,
+                    "number of names differs from count",
+                ));
+            }
+            names
+        }
+        // systemd without names: they are all called "unknown"; number them to keep them apart.
+        None => (0..count).map(|i| format!("unknown.{i}")).collect(),
+    };
+    for name in &names {
+        if let Err(why) = check_name(name) {
+            return Err(malformed(names_var, name, why));
+        }
+    }
+    Ok(names)
+}
+
 /// The process-wide set of inherited descriptors, read once from the environment.
 #[derive(Debug)]
 pub(crate) struct Inherited {
@@ -111,6 +294,70 @@ pub(crate) struct Inherited {
     pub(crate) executable: Option<PathBuf>,
 }
 
+impl Inherited {
+    /// Borrows an inherited descriptor by name, to validate it before taking it.
+    pub(crate) fn peek(&self, name: &str) -> Option<BorrowedFd<'_>> {
+        self.fds.get(name).map(|fd| fd.as_fd())
+    }
+
+    /// Takes an inherited descriptor out of the set (only once it was validated).
+    pub(crate) fn take(&mut self, name: &str) -> Option<OwnedFd> {
+        self.fds.remove(name)
+    }
+
+    /// The names still in the set, in order.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.fds.keys().cloned().collect()
+    }
+}
+
+/// Takes ownership of the descriptors `d` describes, at `FIRST_FD..`: each must be open; each is
+/// made close-on-exec at once. Nothing is owned unless every one is open.
+fn open(d: Description, executable: Option<PathBuf>) -> Result<Inherited, InheritError> {
+    for (i, name) in d.names.iter().enumerate() {
+        let fd = FIRST_FD + i as RawFd;
+        // SAFETY: F_GETFD only reads the descriptor's flags; on a number that is not open it
+        // fails with EBADF. No memory is touched.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            return Err(InheritError::NotOpen {
+                var: d.count_var,
+                fd,
+                name: name.clone(),
+            });
+        }
+    }
+    let mut fds = BTreeMap::new();
+    for (i, name) in d.names.into_iter().enumerate() {
+        let raw = FIRST_FD + i as RawFd;
+        // SAFETY: the environment, addressed to this process (PID check in `parse`), hands us
+        // this open descriptor (checked above with F_GETFD); nothing else in the process owns
+        // it, and it is taken once, since the environment is read once.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        set_cloexec(&fd);
+        // systemd gives every socket of one .socket unit the same name: keep them all apart.
+        let mut key = name.clone();
+        let mut k = 1;
+        while fds.contains_key(&key) {
+            k += 1;
+            key = format!("{name}#{k}");
+        }
+        fds.insert(key, fd);
+    }
+    Ok(Inherited {
+        origin: d.origin,
+        mode: d.mode,
+        generation: d.generation,
+        fds,
+        executable,
+    })
+}
+
+/// Parses the environment and takes the descriptors it describes.
+fn read_environment(get: &dyn Fn(&str) -> Option<OsString>) -> Result<Inherited, InheritError> {
+    let d = parse(get, Identity::current())?;
+    open(d, get_executable(get))
+}
+
 static INHERITED: OnceLock<Mutex<Result<Inherited, InheritError>>> = OnceLock::new();
 
 /// Reads the environment once; every later call returns the same set.
@@ -119,6 +366,26 @@ pub(crate) fn inherited() -> MutexGuard<'static, Result<Inherited, InheritError>
         .get_or_init(|| Mutex::new(read_environment(&|k| std::env::var_os(k))))
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Takes one of the library's own descriptors (a reserved name) out of the inherited set.
+pub(crate) fn take(name: &str) -> Result<Option<OwnedFd>, InheritError> {
+    let mut set = inherited();
+    let set = set.as_mut().map_err(|e| e.clone())?;
+    Ok(set.take(name))
+}
+
+/// The names still in the inherited set: what this generation did not take.
+pub(crate) fn unclaimed() -> Vec<String> {
+    inherited()
+        .as_ref()
+        .map(Inherited::names)
+        .unwrap_or_default()
+}
+
+/// The program a restart starts: argv\[0\] as resolved at start-up.
+pub(crate) fn executable() -> Option<PathBuf> {
+    inherited().as_ref().ok().and_then(|i| i.executable.clone())
 }
 
 /// Reads the inherited descriptors from the environment and removes the library's variables
@@ -189,71 +456,6 @@ pub(crate) fn set_generation(generation: u64) {
     }
 }
 
-impl Inherited {
-    /// Borrows an inherited descriptor by name, to validate it before taking it.
-    pub(crate) fn peek(&self, name: &str) -> Option<BorrowedFd<'_>> {
-        self.fds.get(name).map(|fd| fd.as_fd())
-    }
-
-    /// Takes an inherited descriptor out of the set (only once it was validated).
-    pub(crate) fn take(&mut self, name: &str) -> Option<OwnedFd> {
-        self.fds.remove(name)
-    }
-
-    /// The names still in the set, in order.
-    pub(crate) fn names(&self) -> Vec<String> {
-        self.fds.keys().cloned().collect()
-    }
-}
-
-/// Parses the environment through `get` (the process environment, or a map in tests).
-fn read_environment(get: &dyn Fn(&str) -> Option<OsString>) -> Result<Inherited, InheritError> {
-    let executable = get_executable(get);
-    let mut inherited = Inherited {
-        origin: Origin::Fresh,
-        mode: Mode::Serve,
-        generation: 0,
-        fds: BTreeMap::new(),
-        executable,
-    };
-    let ours = get(ENV_PPID).is_some();
-    if ours {
-        let ppid = parse_number(ENV_PPID, get(ENV_PPID))?;
-        if ppid != u64::from(std::os::unix::process::parent_id()) {
-            tracing::warn!(
-                "{ENV_PPID}={ppid} is not this process's parent: ignoring inherited descriptors"
-            );
-        } else {
-            inherited.generation = match get(ENV_GENERATION) {
-                Some(v) => parse_number(ENV_GENERATION, Some(v))?,
-                None => 0,
-            };
-            inherited.mode = match get(ENV_MODE).as_deref().and_then(OsStr::to_str) {
-                None | Some("serve") => Mode::Serve,
-                Some("validate") => Mode::Validate,
-                Some(other) => {
-                    return Err(malformed(ENV_MODE, other, "expected serve or validate"));
-                }
-            };
-            inherited.origin = Origin::Parent;
-            inherited.fds = read_list(get, ENV_FDS, ENV_FDNAMES)?;
-            return Ok(inherited);
-        }
-    }
-    if let Some(pid) = get(LISTEN_PID) {
-        let pid = parse_number(LISTEN_PID, Some(pid))?;
-        if pid != u64::from(std::process::id()) {
-            tracing::debug!("{LISTEN_PID}={pid} is not this process: ignoring {LISTEN_FDS}");
-        } else {
-            inherited.fds = read_list(get, LISTEN_FDS, LISTEN_FDNAMES)?;
-            if inherited.fds.keys().any(|n| n.starts_with(RESERVED_PREFIX)) {
-                inherited.origin = Origin::Systemd;
-            }
-        }
-    }
-    Ok(inherited)
-}
-
 /// argv\[0\] as an absolute path, resolved against `$PATH` or the current directory now, at
 /// start-up: a binary replaced on disk at that path is the one a restart starts. Symbolic links
 /// are kept, so a deployment that switches a link is followed.
@@ -283,81 +485,6 @@ fn is_executable(path: &Path) -> bool {
     path.metadata()
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
-}
-
-fn read_list(
-    get: &dyn Fn(&str) -> Option<OsString>,
-    count_var: &'static str,
-    names_var: &'static str,
-) -> Result<BTreeMap<String, OwnedFd>, InheritError> {
-    let Some(count) = get(count_var) else {
-        return Ok(BTreeMap::new());
-    };
-    let count = parse_number(count_var, Some(count))? as usize;
-    if count > MAX_FDS {
-        return Err(malformed(
-            count_var,
-            &count.to_string(),
-            "too many descriptors",
-        ));
-    }
-    let names = match get(names_var) {
-        Some(v) => {
-            let text = v
-                .to_str()
-                .ok_or_else(|| malformed(names_var, &v.to_string_lossy(), "not UTF-8"))?
-                .to_owned();
-            let names: Vec<String> = if text.is_empty() && count == 0 {
-                Vec::new()
-            } else {
-                text.split(':').map(str::to_owned).collect()
-            };
-            if names.len() != count {
-                return Err(malformed(
-                    names_var,
-                    &text,
-                    "number of names differs from count",
-                ));
-            }
-            names
-        }
-        // systemd without names: they are all called "unknown"; number them to keep them apart.
-        None => (0..count).map(|i| format!("unknown.{i}")).collect(),
-    };
-    // Check every descriptor before owning any, so that a bad list takes nothing.
-    for (i, name) in names.iter().enumerate() {
-        if let Err(why) = check_name(name) {
-            return Err(malformed(names_var, name, why));
-        }
-        let fd = FIRST_FD + i as RawFd;
-        // SAFETY: F_GETFD only reads the descriptor's flags; on a number that is not open it
-        // fails with EBADF. No memory is touched.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-            return Err(InheritError::NotOpen {
-                var: count_var,
-                fd,
-                name: name.clone(),
-            });
-        }
-    }
-    let mut fds = BTreeMap::new();
-    for (i, name) in names.into_iter().enumerate() {
-        let raw = FIRST_FD + i as RawFd;
-        // SAFETY: the environment, addressed to this process (PID check above), hands us this
-        // open descriptor (checked above with F_GETFD); nothing else in the process owns it, and
-        // it is taken once, since the environment is read once.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        set_cloexec(&fd);
-        // systemd gives every socket of one .socket unit the same name: keep them all apart.
-        let mut key = name.clone();
-        let mut k = 1;
-        while fds.contains_key(&key) {
-            k += 1;
-            key = format!("{name}#{k}");
-        }
-        fds.insert(key, fd);
-    }
-    Ok(fds)
 }
 
 /// Checks a descriptor name: 1 to 255 printable ASCII characters, no `:` (systemd's rule).
@@ -438,54 +565,122 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
+    /// A process with PID 100 whose parent is 99.
+    const ME: Identity = Identity {
+        pid: 100,
+        parent: 99,
+    };
+
+    fn parse_env(pairs: &[(&str, String)]) -> Result<Description, InheritError> {
+        parse(&env(pairs), ME)
+    }
+
     #[test]
     fn empty_environment_is_fresh() {
-        let i = read_environment(&env(&[])).unwrap();
-        assert_eq!(i.origin, Origin::Fresh);
-        assert!(i.names().is_empty());
+        let d = parse_env(&[]).unwrap();
+        assert_eq!(d.origin, Origin::Fresh);
+        assert!(d.names.is_empty());
     }
 
     #[test]
     fn foreign_listen_pid_is_ignored() {
-        let i = read_environment(&env(&[
+        let d = parse_env(&[
             ("LISTEN_PID", "1".into()),
             ("LISTEN_FDS", "3".into()),
             ("LISTEN_FDNAMES", "a:b:c".into()),
-        ]))
+        ])
         .unwrap();
-        assert!(i.names().is_empty());
+        assert!(d.names.is_empty());
     }
 
     #[test]
     fn foreign_parent_pid_is_ignored() {
-        let i = read_environment(&env(&[
+        let d = parse_env(&[
             (ENV_PPID, "1".into()),
             (ENV_FDS, "1".into()),
             (ENV_FDNAMES, "x".into()),
-        ]))
+        ])
         .unwrap();
-        assert_eq!(i.origin, Origin::Fresh);
+        assert_eq!(d.origin, Origin::Fresh);
+    }
+
+    #[test]
+    fn a_parent_generation_is_described() {
+        let d = parse_env(&[
+            (ENV_PPID, "99".into()),
+            (ENV_FDS, "2".into()),
+            (ENV_FDNAMES, "http:shellflip.state".into()),
+            (ENV_GENERATION, "4".into()),
+            (ENV_MODE, "validate".into()),
+        ])
+        .unwrap();
+        assert_eq!(d.origin, Origin::Parent);
+        assert_eq!(d.mode, Mode::Validate);
+        assert_eq!(d.generation, 4);
+        assert_eq!(d.names, ["http", "shellflip.state"]);
+    }
+
+    #[test]
+    fn systemd_store_is_told_apart_from_socket_activation() {
+        let store = parse_env(&[
+            ("LISTEN_PID", "100".into()),
+            ("LISTEN_FDS", "2".into()),
+            ("LISTEN_FDNAMES", "http:shellflip.state".into()),
+        ])
+        .unwrap();
+        assert_eq!(store.origin, Origin::Systemd);
+        let activation =
+            parse_env(&[("LISTEN_PID", "100".into()), ("LISTEN_FDS", "2".into())]).unwrap();
+        assert_eq!(activation.origin, Origin::Fresh);
+        assert_eq!(activation.names, ["unknown.0", "unknown.1"]);
     }
 
     #[test]
     fn malformed_count_is_a_clear_error() {
-        let pid = std::process::id().to_string();
-        let err = read_environment(&env(&[("LISTEN_PID", pid), ("LISTEN_FDS", "two".into())]))
-            .unwrap_err();
+        let err =
+            parse_env(&[("LISTEN_PID", "100".into()), ("LISTEN_FDS", "two".into())]).unwrap_err();
         assert!(err.to_string().contains("LISTEN_FDS"), "{err}");
         assert!(err.to_string().contains("not a number"), "{err}");
     }
 
     #[test]
     fn names_must_match_count() {
-        let pid = std::process::id().to_string();
-        let err = read_environment(&env(&[
-            ("LISTEN_PID", pid),
+        let err = parse_env(&[
+            ("LISTEN_PID", "100".into()),
             ("LISTEN_FDS", "2".into()),
             ("LISTEN_FDNAMES", "only-one".into()),
-        ]))
+        ])
         .unwrap_err();
         assert!(matches!(err, InheritError::Malformed { why, .. } if why.contains("differs")));
+    }
+
+    #[test]
+    fn bad_mode_and_huge_counts_are_refused() {
+        let err = parse_env(&[(ENV_PPID, "99".into()), (ENV_MODE, "x".into())]).unwrap_err();
+        assert!(err.to_string().contains(ENV_MODE), "{err}");
+        let err = parse_env(&[
+            ("LISTEN_PID", "100".into()),
+            ("LISTEN_FDS", "99999999999".into()),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("too many"), "{err}");
+    }
+
+    #[test]
+    fn readiness_lines_round_trip() {
+        assert_eq!(
+            ReadyLine::decode(&ReadyLine::Ready.encode()),
+            Some(ReadyLine::Ready)
+        );
+        let failed = ReadyLine::Failed("line 3:\nbad".into());
+        assert_eq!(
+            ReadyLine::decode(&failed.encode()),
+            Some(ReadyLine::Failed("line 3: bad".into()))
+        );
+        let long = ReadyLine::Failed("é".repeat(MAX_REASON));
+        assert!(long.encode().len() <= MAX_REASON);
+        assert_eq!(ReadyLine::decode(b""), None);
+        assert_eq!(ReadyLine::decode(b"?what"), None);
     }
 
     #[test]
@@ -499,6 +694,7 @@ mod tests {
             ("LISTEN_FDNAMES", names.join(":")),
         ]))
         .unwrap_err();
+        // The parser alone accepts it: only the adoption step touches descriptors.
         assert!(matches!(err, InheritError::NotOpen { .. }), "{err}");
     }
 

@@ -28,9 +28,9 @@
 //!
 //! struct State(u64);
 //!
-//! #[async_trait::async_trait]
+//! #[shellflip::async_trait]
 //! impl shellflip::LifecycleHandler for State {
-//!     async fn send_to_new_process(&mut self, mut w: shellflip::PipeWriter) -> std::io::Result<()> {
+//!     async fn send_to_new_process(&mut self, mut w: shellflip::StateWriter) -> std::io::Result<()> {
 //!         w.write_u64(self.0).await
 //!     }
 //! }
@@ -103,14 +103,22 @@
 //! through [`tracing`] with the time each took; [`control::Status`] reports the last outcome.
 
 #![deny(missing_docs)]
-#![cfg(unix)]
 
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "shellflip supports Linux only: it relies on pidfds, memfds, F_SETPIPE_SZ and systemd's \
+     file descriptor store"
+);
+
+mod config;
 pub mod control;
-mod handover;
+mod fork_exec;
 #[cfg(feature = "hyper")]
 pub mod http;
 mod inherit;
 pub mod lifecycle;
+mod notify;
+mod outcome;
 mod readiness;
 mod registry;
 mod restart;
@@ -118,18 +126,24 @@ pub mod shutdown;
 mod state;
 mod successor;
 mod systemd;
+mod transport;
 
-pub use control::{RestartCoordinationSocket, Status};
+/// Re-exported so that [`LifecycleHandler`] can be implemented without adding a dependency:
+/// write `#[shellflip::async_trait]` on the `impl`.
+pub use async_trait::async_trait;
+pub use config::RestartConfig;
+pub use control::{LastRestart, LifecycleKind, RestartCoordinationSocket, Status};
 pub use inherit::{InheritError, Origin, generation, init_from_env, is_validation_run, origin};
 pub use lifecycle::{
     LifecycleHandler, NullLifecycleHandler, PipeReader, PipeWriter, receive_from_old_process,
     try_receive_from_old_process,
 };
+pub use outcome::{ExitStatus, Handover, RestartError, SetupError, SuccessorFailure};
 pub use readiness::{report_startup_failure, startup_complete};
 pub use registry::{Kind, Registry, RegistryError};
-pub use restart::{Handover, RestartConfig, RestartError, RestartHandle, RestartTask};
+pub use restart::{RestartHandle, RestartTask};
 pub use shutdown::{ShutdownCoordinator, ShutdownHandle, ShutdownSignal};
-pub use state::StateError;
+pub use state::{StateError, StateReader, StateWriter};
 
 /// The README's code sample, compiled as a doctest so that it stays true.
 #[cfg(doctest)]

@@ -2,37 +2,32 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::pin::Pin;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWrite;
 
-use crate::registry::Registry;
-use crate::state::{self, StateError};
+use crate::inherit::{self, STATE_FD};
+use crate::state::{self, StateError, StateReader, StateWriter};
 
-/// Where the new process reads the state the old one wrote (see [`receive_from_old_process`]).
-pub type PipeReader = Pin<Box<dyn AsyncRead + Send>>;
-/// Where the old process writes its state for the new one
-/// (see [`LifecycleHandler::send_to_new_process`]).
-pub type PipeWriter = Pin<Box<dyn AsyncWrite + Send>>;
-
-/// Name of the state descriptor handed to the new process.
-pub(crate) const STATE_FD: &str = "shellflip.state";
+/// The name shellflip 2.x gave the [`StateReader`].
+pub type PipeReader = StateReader;
+/// The name shellflip 2.x gave the [`StateWriter`].
+pub type PipeWriter = StateWriter;
 
 /// Hooks called in the old process during a restart, in both lifecycles.
 ///
-/// Implement it with [`async_trait`](https://docs.rs/async-trait):
+/// Implement it with [`async_trait`](macro@crate::async_trait), re-exported by this crate:
 ///
 /// ```
-/// use shellflip::lifecycle::{LifecycleHandler, PipeWriter};
+/// use shellflip::{LifecycleHandler, StateWriter};
 /// use tokio::io::AsyncWriteExt;
 ///
 /// struct Counter(u64);
 ///
-/// #[async_trait::async_trait]
+/// #[shellflip::async_trait]
 /// impl LifecycleHandler for Counter {
-///     async fn send_to_new_process(&mut self, mut state: PipeWriter) -> std::io::Result<()> {
+///     async fn send_to_new_process(&mut self, mut state: StateWriter) -> std::io::Result<()> {
 ///         state.write_u64(self.0).await
 ///     }
 /// }
@@ -45,7 +40,12 @@ pub trait LifecycleHandler: Send {
     /// returns `Ok`: if it returns an error, the new process never sees a complete state, the
     /// restart fails with this error's text and the old process keeps serving (fork/exec), or
     /// the state is discarded (systemd).
-    async fn send_to_new_process(&mut self, _write_pipe: PipeWriter) -> io::Result<()> {
+    ///
+    /// The state is a snapshot taken now: what the application changes after writing it (a
+    /// counter it increments while it drains) does not reach the new generation. Carry such
+    /// changes in another way (the new generation's own count, a shared store), or stop
+    /// changing them once this is called.
+    async fn send_to_new_process(&mut self, _write_pipe: StateWriter) -> io::Result<()> {
         Ok(())
     }
 
@@ -88,7 +88,7 @@ fn note(text: String) {
 ///
 /// Read the state completely before declaring readiness: a truncated stream ends in an error,
 /// never in a clean end of file. Must be called from within a tokio runtime.
-pub fn receive_from_old_process() -> Option<PipeReader> {
+pub fn receive_from_old_process() -> Option<StateReader> {
     match try_receive_from_old_process() {
         Ok(r) => r,
         Err(e) => {
@@ -111,11 +111,11 @@ pub fn receive_from_old_process() -> Option<PipeReader> {
 /// }
 /// # }
 /// ```
-pub fn try_receive_from_old_process() -> Result<Option<PipeReader>, StateError> {
-    let fd = match Registry::adopt_internal(STATE_FD) {
+pub fn try_receive_from_old_process() -> Result<Option<StateReader>, StateError> {
+    let fd = match inherit::take(STATE_FD) {
         Ok(Some(fd)) => fd,
         Ok(None) => return Ok(None),
-        Err(e) => return Err(StateError::Io(io::Error::other(e))),
+        Err(e) => return Err(StateError::Inherit(e)),
     };
     let result = open_state(fd);
     match &result {
@@ -126,7 +126,7 @@ pub fn try_receive_from_old_process() -> Result<Option<PipeReader>, StateError> 
     result
 }
 
-fn open_state(fd: OwnedFd) -> Result<Option<PipeReader>, StateError> {
+fn open_state(fd: OwnedFd) -> Result<Option<StateReader>, StateError> {
     let meta = std::fs::File::from(fd.try_clone()?).metadata()?;
     if meta.file_type().is_file() {
         // A stored state (memfd): verify it whole before handing out a byte.
@@ -135,23 +135,21 @@ fn open_state(fd: OwnedFd) -> Result<Option<PipeReader>, StateError> {
             return Ok(None);
         };
         let generation = header.generation + 1;
-        crate::inherit::set_generation(generation);
+        inherit::set_generation(generation);
         note(format!("received from generation {}", header.generation));
-        let reader = state::read_stream(tokio::fs::File::from_std(file));
-        return Ok(Some(Box::pin(reader)));
+        return Ok(Some(state::read_stream(tokio::fs::File::from_std(file))));
     }
     // A pipe from the parent: verified chunk by chunk as it streams.
     let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
     note("streamed from the parent generation".into());
-    let reader = state::read_stream(pipe);
-    Ok(Some(Box::pin(reader)))
+    Ok(Some(state::read_stream(pipe)))
 }
 
 /// Why the state could not be sent.
 #[derive(Debug)]
 pub(crate) struct SendFailure {
-    /// The handler's own error text, or why the commit failed.
-    pub(crate) why: String,
+    /// The handler's own error, or why the commit failed.
+    pub(crate) why: io::Error,
     /// Whether the reader went away (a write to the pipe failed), rather than the handler
     /// failing on its own: then the successor's own report says more.
     pub(crate) reader_gone: bool,
@@ -164,12 +162,12 @@ pub(crate) async fn send_state(
     generation: u64,
 ) -> Result<(), SendFailure> {
     let writer = state::StateWriter::new(sink, generation);
-    let sent = match handler.send_to_new_process(Box::pin(writer.clone())).await {
+    let sent = match handler.send_to_new_process(writer.clone()).await {
         Ok(()) => writer
             .commit()
             .await
-            .map_err(|e| format!("cannot commit the state: {e}")),
-        Err(e) => Err(e.to_string()),
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot commit the state: {e}"))),
+        Err(e) => Err(e),
     };
     sent.map_err(|why| SendFailure {
         why,

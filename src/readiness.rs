@@ -1,14 +1,13 @@
 //! Declaring readiness (or failure) at start-up, to the parent generation and to systemd.
 
 use std::fmt::Display;
-use std::io;
+use std::io::{self, Write};
 use std::sync::OnceLock;
 
 use tokio::sync::watch;
 
-use crate::inherit::{self, Origin};
-use crate::successor::tell_parent;
-use crate::systemd;
+use crate::inherit::{self, Origin, READY_FD, ReadyLine};
+use crate::notify::notify;
 
 fn ready_flag() -> &'static watch::Sender<bool> {
     static READY: OnceLock<watch::Sender<bool>> = OnceLock::new();
@@ -20,10 +19,20 @@ pub(crate) fn is_ready() -> bool {
     *ready_flag().borrow()
 }
 
-/// Resolves once this process declared itself ready.
-pub(crate) async fn ready() {
-    let mut rx = ready_flag().subscribe();
-    let _ = rx.wait_for(|r| *r).await;
+/// Follows whether this process declared itself ready.
+pub(crate) fn subscribe() -> watch::Receiver<bool> {
+    ready_flag().subscribe()
+}
+
+/// Tells the parent generation (if any) `line` on the readiness pipe, which is taken out of the
+/// inherited set and closed: a parent hears at most one line. Returns false when there is no
+/// parent waiting.
+fn tell_parent(line: ReadyLine) -> io::Result<bool> {
+    let Some(fd) = inherit::take(READY_FD).map_err(io::Error::other)? else {
+        return Ok(false);
+    };
+    std::fs::File::from(fd).write_all(&line.encode())?;
+    Ok(true)
 }
 
 /// Declares that this process has taken over: the parent generation (fork/exec) learns that it
@@ -48,16 +57,16 @@ pub fn startup_complete() -> io::Result<()> {
         return Ok(());
     }
     if inherit::is_validation_run() {
-        let told = tell_parent(b"R\n");
+        let told = tell_parent(ReadyLine::Ready);
         std::process::exit(if matches!(told, Ok(true)) { 0 } else { 1 });
     }
-    let told = tell_parent(b"R\n");
+    let told = tell_parent(ReadyLine::Ready);
     let mut states = vec![sd_notify::NotifyState::Ready];
     let pid = std::process::id();
     if inherit::origin() == Origin::Parent {
         states.push(sd_notify::NotifyState::MainPid(pid));
     }
-    systemd::notify(&states);
+    notify(&states);
     ready_flag().send_replace(true);
     tracing::info!(pid, generation = inherit::generation(), "ready");
     told.map(drop)
@@ -78,8 +87,8 @@ pub fn startup_complete() -> io::Result<()> {
 pub fn report_startup_failure(reason: impl Display) {
     let reason = reason.to_string().replace('\n', " ");
     tracing::error!("start-up failed: {reason}");
-    let _ = tell_parent(format!("F{reason}\n").as_bytes());
-    systemd::notify(&[sd_notify::NotifyState::Status(&format!(
+    let _ = tell_parent(ReadyLine::Failed(reason.clone()));
+    notify(&[sd_notify::NotifyState::Status(&format!(
         "start-up failed: {reason}"
     ))]);
 }

@@ -455,15 +455,6 @@ impl Registry {
         self.register_any(name, kind, fd, path).map(drop)
     }
 
-    /// Adopts one of the library's own inherited descriptors (reserved name), any kind.
-    pub(crate) fn adopt_internal(name: &str) -> Result<Option<OwnedFd>, RegistryError> {
-        let mut set = inherit::inherited();
-        let set = set
-            .as_mut()
-            .map_err(|e| RegistryError::Inherit(e.clone()))?;
-        Ok(set.take(name))
-    }
-
     /// Calls `f` with every registered descriptor, in name order (what crosses at a handover).
     pub(crate) fn with_fds<R>(&self, f: impl FnOnce(&[(&str, BorrowedFd<'_>)]) -> R) -> R {
         let inner = self.lock();

@@ -1,231 +1,41 @@
-//! The restart: its configuration, the one loop that owns it, the task the application polls,
-//! and the handle the application can call.
+//! The restart loop: the one owner of every restart, the task the application polls, and the
+//! handle the application can call.
 //!
 //! One loop owns every restart. A trigger (the restart signal, SIGTERM in the systemd
 //! lifecycle, a control-socket request, or a [`RestartHandle`]) starts one; while it runs,
 //! another request is answered "restart already in progress" at once, and status requests are
-//! answered as usual. When a restart succeeds the loop stops accepting control connections,
+//! answered as usual. When a restart succeeds the loop stops serving the control socket,
 //! answers the initiator and resolves the [`RestartTask`]: the application then stops accepting,
 //! drains, and exits with [`Handover::exit_code`].
+//!
+//! The loop never names a lifecycle: it asks its [`Transport`] for the steps that differ.
+//!
+//! ```text
+//! wait until ready ──> serve the control socket ──> release what was not taken
+//!     ──> (next request ──> one restart, answering others "in progress")* ──> finish
+//! ```
 
-use std::ffi::OsString;
 use std::future::Future;
-use std::io;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::RestartConfig;
 use crate::control::{
-    self, Access, Command, ControlError, Initiator, RestartCoordinationSocket, Status,
+    self, Access, Command, ControlError, Initiator, LastRestart, RestartCoordinationSocket, Status,
 };
+use crate::fork_exec::ForkExec;
 use crate::inherit;
-use crate::lifecycle::{LifecycleHandler, NullLifecycleHandler};
+use crate::lifecycle::NullLifecycleHandler;
+use crate::outcome::{Handover, RestartError, SetupError};
 use crate::readiness;
-use crate::registry::{Kind, Registry};
-use crate::successor::{NotReady, Spawner};
-use crate::systemd::{self, SystemdStore};
-
-/// Name of the control socket's listener among the handed-over descriptors.
-const CONTROL_FD: &str = "shellflip.control";
-
-/// Settings for restarts. Build it with struct update syntax over `Default`:
-///
-/// ```
-/// use shellflip::RestartConfig;
-/// use std::time::Duration;
-///
-/// let config = RestartConfig {
-///     enabled: true,
-///     coordination_socket_path: "/run/my-service.sock".into(),
-///     startup_timeout: Duration::from_secs(10),
-///     ..Default::default()
-/// };
-/// ```
-pub struct RestartConfig {
-    /// Enables the control socket at [`coordination_socket_path`](Self::coordination_socket_path).
-    pub enabled: bool,
-    /// Where the control socket is bound (in the first generation; later ones inherit it).
-    pub coordination_socket_path: PathBuf,
-    /// Mode of the control socket file (default `0o600`).
-    pub socket_mode: u32,
-    /// Users besides this process's own and root allowed on the control socket.
-    pub allowed_uids: Vec<u32>,
-    /// Extra environment variables for the new process.
-    pub environment: Vec<(OsString, OsString)>,
-    /// Hooks and the state writer.
-    pub lifecycle_handler: Box<dyn LifecycleHandler>,
-    /// When true, a failed restart resolves the restart task with the error instead of
-    /// carrying on (default false: the old process keeps serving).
-    pub exit_on_error: bool,
-    /// The signal that triggers a restart (default SIGUSR1).
-    pub restart_signal: SignalKind,
-    /// How long a new process has to become ready before it is killed (default 60 s).
-    pub startup_timeout: Duration,
-    /// The program to start; by default the path this process was started from, made absolute
-    /// at start-up (so a binary replaced on disk is the one that starts).
-    pub executable: Option<PathBuf>,
-    /// The named descriptors that cross to the next generation.
-    pub registry: Registry,
-    /// Systemd lifecycle: the exit status of a restart asked for on the control socket or by the
-    /// restart signal; list it in the unit's `RestartForceExitStatus=` (default 75).
-    pub systemd_restart_exit_code: i32,
-}
-
-impl Default for RestartConfig {
-    fn default() -> Self {
-        RestartConfig {
-            enabled: false,
-            coordination_socket_path: PathBuf::new(),
-            socket_mode: 0o600,
-            allowed_uids: Vec::new(),
-            environment: Vec::new(),
-            lifecycle_handler: Box::new(NullLifecycleHandler),
-            exit_on_error: false,
-            restart_signal: SignalKind::user_defined1(),
-            startup_timeout: Duration::from_secs(60),
-            executable: None,
-            registry: Registry::new(),
-            systemd_restart_exit_code: 75,
-        }
-    }
-}
-
-impl std::fmt::Debug for RestartConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RestartConfig")
-            .field("enabled", &self.enabled)
-            .field("coordination_socket_path", &self.coordination_socket_path)
-            .field("startup_timeout", &self.startup_timeout)
-            .field("registry", &self.registry)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why a restart failed, or could not be set up.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RestartError {
-    /// Another restart is running.
-    #[error("restart already in progress")]
-    InProgress,
-    /// This process has not declared itself ready yet.
-    #[error("this process is still starting; try again once it is ready")]
-    NotReadyYet,
-    /// The new process could not be started at all.
-    #[error("cannot start the new process: {0}")]
-    Spawn(#[source] io::Error),
-    /// The new process exited before it was ready.
-    #[error("new process {pid} {status} before it was ready")]
-    Exited {
-        /// Its PID.
-        pid: u32,
-        /// How it ended.
-        status: String,
-    },
-    /// The new process reported that its start-up failed.
-    #[error("new process {pid} failed to start: {reason} ({status})")]
-    StartupFailed {
-        /// Its PID.
-        pid: u32,
-        /// The reason it gave.
-        reason: String,
-        /// How it ended.
-        status: String,
-    },
-    /// The new process was not ready in time; it was killed.
-    #[error("new process {pid} not ready after {} s; it was killed", .after.as_secs_f64())]
-    NotReady {
-        /// Its PID.
-        pid: u32,
-        /// The start-up timeout.
-        after: Duration,
-    },
-    /// Writing the state failed (the application's own error text); a new process that was
-    /// started for it was killed.
-    #[error("sending the state failed: {0}")]
-    StateSend(String),
-    /// The new executable rejected the state in its validation run (systemd lifecycle).
-    #[error("the new executable rejected the state: {0}")]
-    Rejected(String),
-    /// The systemd lifecycle was asked for, but systemd is not listening (`NOTIFY_SOCKET`).
-    #[error("not started by systemd: NOTIFY_SOCKET is not set")]
-    NotUnderSystemd,
-    /// No tokio runtime to run the restart loop on.
-    #[error("the restart task must be created inside a tokio runtime")]
-    NoRuntime,
-    /// The control socket could not be set up.
-    #[error("control socket {path}: {source}")]
-    ControlSocket {
-        /// Its path.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-    /// The program to start is unknown (no argv\[0\]) or the restart machinery failed.
-    #[error("restart machinery: {0}")]
-    Io(#[source] io::Error),
-    /// The restart loop ended without an outcome.
-    #[error("the restart loop is gone")]
-    LoopGone,
-    /// This process already handed over to a new generation: ask the new one.
-    #[error("this process has handed over to a new generation; try again")]
-    HandedOver,
-}
-
-impl RestartError {
-    pub(crate) fn from_not_ready(pid: u32, why: NotReady) -> RestartError {
-        match why {
-            NotReady::Exited(status) => RestartError::Exited { pid, status },
-            NotReady::Failed { reason, status } => RestartError::StartupFailed {
-                pid,
-                reason,
-                status,
-            },
-            NotReady::Timeout(after) => RestartError::NotReady { pid, after },
-        }
-    }
-}
-
-/// A successful restart: what the old process does next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Handover {
-    /// The new process's PID (fork/exec); `None` in the systemd lifecycle, where systemd starts
-    /// it once this process has exited.
-    pub new_pid: Option<u32>,
-    /// The status to exit with once drained: 0, or (systemd lifecycle, restart asked for on the
-    /// control socket or by signal) [`RestartConfig::systemd_restart_exit_code`].
-    pub exit_code: i32,
-}
-
-impl Handover {
-    /// The status to exit with once drained.
-    pub fn exit_code(&self) -> i32 {
-        self.exit_code
-    }
-}
-
-/// Which lifecycle the loop runs.
-enum Lifecycle {
-    ForkExec,
-    Systemd(SystemdStore),
-    /// A validation run: it only declares readiness (which exits the process).
-    Validation,
-}
-
-/// What a restart needs, owned by the loop.
-pub(crate) struct Context {
-    pub(crate) config: RestartConfig,
-    pub(crate) handler: Box<dyn LifecycleHandler>,
-    pub(crate) spawner: Spawner,
-    pub(crate) program: PathBuf,
-}
+use crate::successor::Spawner;
+use crate::systemd::Systemd;
+use crate::transport::{Context, Transport, Trigger};
 
 /// The task that resolves when a restart succeeded (or restarts became impossible).
 ///
@@ -300,26 +110,24 @@ impl RestartHandle {
 impl RestartConfig {
     /// Sets up the fork/exec lifecycle: the restart loop, the control socket, the restart
     /// signal. Call it inside a tokio runtime, after the listeners were registered.
-    pub fn try_into_restart_task(self) -> Result<RestartTask, RestartError> {
-        let lifecycle = if inherit::is_validation_run() {
-            Lifecycle::Validation
-        } else {
-            Lifecycle::ForkExec
-        };
-        start(self, lifecycle)
+    ///
+    /// In a validation run ([`is_validation_run`](crate::is_validation_run)) either call sets up
+    /// this lifecycle: such a run exits when it declares itself ready, before any restart.
+    pub fn try_into_restart_task(self) -> Result<RestartTask, SetupError> {
+        start(self, |_, spawner| Ok(ForkExec::new(spawner)))
     }
 
     /// Sets up the systemd lifecycle: listeners and state in systemd's file descriptor store,
     /// restarts by SIGTERM (`systemctl restart`), the restart signal or the control socket.
     /// Read the previous state ([`receive_from_old_process`](crate::receive_from_old_process))
     /// before calling it.
-    pub fn try_into_systemd_restart_task(self) -> Result<RestartTask, RestartError> {
-        let lifecycle = if inherit::is_validation_run() {
-            Lifecycle::Validation
-        } else {
-            Lifecycle::Systemd(SystemdStore::start(&self.registry)?)
-        };
-        start(self, lifecycle)
+    pub fn try_into_systemd_restart_task(self) -> Result<RestartTask, SetupError> {
+        if inherit::is_validation_run() {
+            return self.try_into_restart_task();
+        }
+        start(self, |config, spawner| {
+            Systemd::start(&config.registry, spawner)
+        })
     }
 
     /// Asks the service listening on [`coordination_socket_path`](Self::coordination_socket_path)
@@ -340,81 +148,49 @@ impl RestartConfig {
     }
 }
 
-/// The signals that trigger a restart.
-struct Signals {
-    restart: Signal,
-    terminate: Option<Signal>,
-}
-
-impl Signals {
-    async fn recv(&mut self) -> Initiator {
-        let term = async {
-            match &mut self.terminate {
-                Some(s) => s.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = self.restart.recv() => Initiator::RestartSignal,
-            _ = term => Initiator::Terminate,
-        }
-    }
-}
-
-fn start(mut config: RestartConfig, lifecycle: Lifecycle) -> Result<RestartTask, RestartError> {
+/// Sets up the loop over the transport `make` builds, and starts it.
+fn start<T: Transport>(
+    mut config: RestartConfig,
+    make: impl FnOnce(&RestartConfig, Spawner) -> Result<T, SetupError>,
+) -> Result<RestartTask, SetupError> {
     if tokio::runtime::Handle::try_current().is_err() {
-        return Err(RestartError::NoRuntime);
+        return Err(SetupError::NoRuntime);
     }
-    let program = match config.executable.clone() {
-        Some(p) => p,
-        None => inherit::inherited()
-            .as_ref()
-            .ok()
-            .and_then(|i| i.executable.clone())
-            .ok_or_else(|| {
-                RestartError::Io(io::Error::other("cannot tell which program this is"))
-            })?,
-    };
-    let signals = Signals {
-        restart: signal(config.restart_signal).map_err(RestartError::Io)?,
-        terminate: match lifecycle {
-            Lifecycle::Systemd(_) => {
-                Some(signal(SignalKind::terminate()).map_err(RestartError::Io)?)
-            }
-            _ => None,
-        },
-    };
+    let program = config
+        .executable
+        .clone()
+        .or_else(inherit::executable)
+        .ok_or(SetupError::UnknownExecutable)?;
+    let os = |what| move |source| SetupError::Os { what, source };
+    let spawner = Spawner::start(program, config.environment.clone(), config.registry.clone())
+        .map_err(os("starting the spawner thread"))?;
+    let transport = make(&config, spawner)?;
     let (commands_tx, commands) = mpsc::channel(16);
-    let mut control = None;
-    if config.enabled {
-        let listener = control_listener(&config)?;
-        let listener = tokio::net::UnixListener::from_std(listener).map_err(|source| {
-            RestartError::ControlSocket {
-                path: config.coordination_socket_path.clone(),
-                source,
-            }
-        })?;
-        let access = Access {
-            allowed_uids: config.allowed_uids.clone(),
-        };
-        control = Some(ControlServer {
-            listener,
+    forward_signals::<T>(&config, commands_tx.clone())?;
+    let control = match config.enabled {
+        true => Some(ControlServer {
+            listener: control::listener(&config)?,
             commands: commands_tx.clone(),
-            access,
-        });
-    }
+            access: Access {
+                allowed_uids: config.allowed_uids.clone(),
+            },
+        }),
+        false => None,
+    };
     let handler = std::mem::replace(
         &mut config.lifecycle_handler,
         Box::new(NullLifecycleHandler),
     );
-    let ctx = Context {
-        config,
-        handler,
-        spawner: Spawner::start().map_err(RestartError::Io)?,
-        program,
+    let restart_loop = Loop {
+        ctx: Context { config, handler },
+        transport,
+        commands,
+        ready: readiness::subscribe(),
+        control,
+        record: Record::new(T::KIND),
     };
     let (outcome_tx, outcome) = oneshot::channel();
-    tokio::spawn(run(ctx, lifecycle, commands, signals, control, outcome_tx));
+    tokio::spawn(restart_loop.run(outcome_tx));
     Ok(RestartTask {
         outcome,
         handle: RestartHandle {
@@ -424,57 +200,39 @@ fn start(mut config: RestartConfig, lifecycle: Lifecycle) -> Result<RestartTask,
     })
 }
 
-/// The control socket's listener: inherited, or bound now; registered for the next generation.
-fn control_listener(
+/// Turns the restart signal (and SIGTERM, when the transport restarts on it) into requests.
+fn forward_signals<T: Transport>(
     config: &RestartConfig,
-) -> Result<std::os::unix::net::UnixListener, RestartError> {
-    let path = &config.coordination_socket_path;
-    let err = |source: io::Error| RestartError::ControlSocket {
-        path: path.clone(),
+    commands: mpsc::Sender<Command>,
+) -> Result<(), SetupError> {
+    let os = |source| SetupError::Os {
+        what: "installing a signal handler",
         source,
     };
-    let fd = match Registry::adopt_internal(CONTROL_FD).map_err(|e| err(io::Error::other(e)))? {
-        Some(fd)
-            if crate::registry::classify(std::os::fd::AsFd::as_fd(&fd)) == Kind::UnixListener =>
-        {
-            fd
-        }
-        Some(_) => {
-            return Err(err(io::Error::other(
-                "the inherited control socket is not a listening Unix socket",
-            )));
-        }
-        None => control::bind(path, config.socket_mode).map_err(err)?.into(),
+    let mut restart = signal(config.restart_signal).map_err(os)?;
+    let mut terminate = match T::RESTARTS_ON_SIGTERM {
+        true => Some(signal(SignalKind::terminate()).map_err(os)?),
+        false => None,
     };
-    let listener = std::os::unix::net::UnixListener::from(fd);
-    listener.set_nonblocking(true).map_err(err)?;
-    let keep = listener.try_clone().map_err(err)?;
-    config
-        .registry
-        .insert_internal(CONTROL_FD, keep.into(), Some(path.clone()))
-        .map_err(|e| err(io::Error::other(e)))?;
-    Ok(listener)
-}
-
-/// What the loop remembers for the status report.
-struct Record {
-    lifecycle: &'static str,
-    in_progress: bool,
-    last_result: Option<String>,
-}
-
-impl Record {
-    fn status(&self) -> Status {
-        Status {
-            pid: std::process::id(),
-            generation: inherit::generation(),
-            lifecycle: self.lifecycle.into(),
-            ready: readiness::is_ready(),
-            restart_in_progress: self.in_progress,
-            last_result: self.last_result.clone(),
-            state_on_start: crate::lifecycle::state_on_start(),
+    tokio::spawn(async move {
+        loop {
+            let term = async {
+                match &mut terminate {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let initiator = tokio::select! {
+                _ = restart.recv() => Initiator::RestartSignal,
+                _ = term => Initiator::Terminate,
+            };
+            // Closed once the loop handed over: the signal is this process's no more.
+            if commands.send(Command::Restart(initiator)).await.is_err() {
+                return;
+            }
         }
-    }
+    });
+    Ok(())
 }
 
 /// The control socket, served once this process is ready: until then the generation that
@@ -485,140 +243,632 @@ struct ControlServer {
     access: Access,
 }
 
-async fn run(
-    mut ctx: Context,
-    mut lifecycle: Lifecycle,
-    mut commands: mpsc::Receiver<Command>,
-    mut signals: Signals,
+/// What the loop remembers for the status report.
+struct Record {
+    kind: control::LifecycleKind,
+    in_progress: bool,
+    last: Option<LastRestart>,
+}
+
+impl Record {
+    fn new(kind: control::LifecycleKind) -> Record {
+        Record {
+            kind,
+            in_progress: false,
+            last: None,
+        }
+    }
+
+    fn status(&self, ready: bool) -> Status {
+        Status {
+            pid: std::process::id(),
+            generation: inherit::generation(),
+            lifecycle: self.kind,
+            ready,
+            restart_in_progress: self.in_progress,
+            last_result: self.last.clone(),
+            state_on_start: crate::lifecycle::state_on_start(),
+        }
+    }
+}
+
+/// Answers `initiator` without holding up the loop (a client may be slow to read).
+fn respond_later(initiator: Initiator, outcome: Result<Option<u32>, RestartError>) {
+    tokio::spawn(initiator.respond(outcome));
+}
+
+/// The restart loop and everything it owns.
+struct Loop<T> {
+    ctx: Context,
+    transport: T,
+    commands: mpsc::Receiver<Command>,
+    /// Whether this process declared itself ready.
+    ready: watch::Receiver<bool>,
     control: Option<ControlServer>,
-    outcome: oneshot::Sender<Result<Handover, RestartError>>,
-) {
-    let mut record = Record {
-        lifecycle: match lifecycle {
-            Lifecycle::Systemd(_) => "systemd",
-            _ => "fork-exec",
-        },
-        in_progress: false,
-        last_result: None,
-    };
-    // A restart to run before waiting for the next trigger.
-    let mut pending: Option<Initiator> = None;
-    // Until ready: answer status, refuse restarts.
-    loop {
-        tokio::select! {
-            biased;
-            _ = readiness::ready() => break,
-            Some(cmd) = commands.recv() => match cmd {
-                Command::Status(tx) => { let _ = tx.send(record.status()); }
-                // Ready in the meantime: this request is the first restart.
-                Command::Restart(initiator) if readiness::is_ready() => {
-                    pending = Some(initiator);
-                    break;
-                }
-                Command::Restart(initiator) => initiator.respond(Err(RestartError::NotReadyYet)).await,
-            },
-        }
-    }
-    let stop_control = CancellationToken::new();
-    if let Some(c) = control {
-        tokio::spawn(control::serve(
-            c.listener,
-            c.commands,
-            c.access,
-            stop_control.clone(),
-        ));
-    }
-    let unclaimed = inherit::inherited()
-        .as_ref()
-        .map(|i| i.names())
-        .unwrap_or_default();
-    match &lifecycle {
-        Lifecycle::Systemd(store) => store.after_ready(unclaimed).await,
-        _ => {
-            for name in unclaimed {
-                tracing::info!(
-                    name,
-                    "closing an inherited descriptor this generation did not take"
-                );
-                let _ = Registry::adopt_internal(&name);
-            }
-        }
-    }
-    loop {
-        let initiator = if let Some(initiator) = pending.take() {
-            initiator
-        } else {
-            tokio::select! {
-                Some(cmd) = commands.recv() => match cmd {
-                    Command::Status(tx) => { let _ = tx.send(record.status()); continue; }
-                    Command::Restart(initiator) => initiator,
+    record: Record,
+}
+
+impl<T: Transport> Loop<T> {
+    async fn run(mut self, outcome: oneshot::Sender<Result<Handover, RestartError>>) {
+        let mut pending = self.wait_until_ready().await;
+        let stop_control = self.serve_control();
+        self.transport.after_ready().await;
+        self.release_unclaimed();
+        loop {
+            let initiator = match pending.take() {
+                Some(initiator) => initiator,
+                None => match self.next_request().await {
+                    Some(initiator) => initiator,
+                    None => return,
                 },
-                initiator = signals.recv() => initiator,
-            }
-        };
-        let trigger = initiator.describe();
-        let refusable = !matches!(initiator, Initiator::Terminate);
-        tracing::info!(trigger, "restart requested");
-        record.in_progress = true;
-        let started = Instant::now();
-        let result = {
-            let restart = async {
-                match &mut lifecycle {
-                    Lifecycle::ForkExec => crate::handover::restart(&mut ctx).await,
-                    Lifecycle::Systemd(store) => store.restart(&mut ctx, refusable).await,
-                    Lifecycle::Validation => Err(RestartError::NotReadyYet),
-                }
             };
-            tokio::pin!(restart);
-            loop {
-                tokio::select! {
-                    r = &mut restart => break r,
-                    Some(cmd) = commands.recv() => match cmd {
-                        Command::Status(tx) => { let _ = tx.send(record.status()); }
-                        Command::Restart(other) => other.respond(Err(RestartError::InProgress)).await,
-                    },
-                    other = signals.recv() => {
-                        // systemd is stopping us: stop once this restart is over, if it failed.
-                        tracing::warn!("{}: a restart is already in progress", other.describe());
-                        if matches!(other, Initiator::Terminate) {
-                            pending = Some(other);
-                        }
-                    }
-                }
-            }
-        };
-        record.in_progress = false;
-        let elapsed = started.elapsed();
-        match result {
-            Ok(handover) => {
-                tracing::info!(?elapsed, new_pid = ?handover.new_pid, "restart succeeded; draining");
-                stop_control.cancel();
-                match (initiator, handover.new_pid) {
-                    (Initiator::Socket(socket), None) => systemd::store_initiator(socket),
-                    (initiator, pid) => initiator.respond(Ok(pid)).await,
-                }
-                let _ = outcome.send(Ok(handover));
-                // Requests that arrive now: this process has handed over.
-                commands.close();
-                while let Some(cmd) = commands.recv().await {
-                    if let Command::Restart(i) = cmd {
-                        i.respond(Err(RestartError::HandedOver)).await;
-                    }
-                }
-                return;
-            }
-            Err(e) => {
-                tracing::error!(?elapsed, "restart failed: {e}");
-                record.last_result = Some(format!("failed after {elapsed:?}: {e}"));
-                if ctx.config.exit_on_error {
-                    initiator
-                        .respond(Err(RestartError::Io(io::Error::other(e.to_string()))))
-                        .await;
-                    let _ = outcome.send(Err(e));
+            let started = Instant::now();
+            let (result, stop) = self.restart_once(&initiator).await;
+            pending = stop;
+            let elapsed = started.elapsed();
+            match result {
+                Ok(handover) => {
+                    tracing::info!(?elapsed, new_pid = ?handover.new_pid(), "restart succeeded; draining");
+                    stop_control.cancel();
+                    self.transport.answer(initiator, handover).await;
+                    let _ = outcome.send(Ok(handover));
+                    self.answer_after_handover().await;
                     return;
                 }
-                initiator.respond(Err(e)).await;
+                Err(e) => {
+                    tracing::error!(?elapsed, "restart failed: {e}");
+                    self.record.last = Some(LastRestart::Failed {
+                        elapsed_ms: elapsed.as_millis().try_into().unwrap_or(u64::MAX),
+                        reason: e.to_string(),
+                    });
+                    initiator.respond(Err(e.clone())).await;
+                    if self.ctx.config.exit_on_error {
+                        let _ = outcome.send(Err(e));
+                        return;
+                    }
+                }
             }
         }
+    }
+
+    /// Until ready: answers status, refuses restarts (a request racing readiness is served
+    /// once ready), keeps a stop for when ready. Returns the restart to run first, if any.
+    async fn wait_until_ready(&mut self) -> Option<Initiator> {
+        let mut stop = None;
+        let mut ready = self.ready.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = ready.wait_for(|r| *r) => return stop,
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::Status(tx) => { let _ = tx.send(self.record.status(false)); }
+                    Command::Restart(initiator) if *self.ready.borrow() => return Some(initiator),
+                    Command::Restart(Initiator::Terminate) => stop = Some(Initiator::Terminate),
+                    Command::Restart(initiator) => respond_later(initiator, Err(RestartError::NotReadyYet)),
+                },
+            }
+        }
+    }
+
+    /// Starts serving the control socket; the token stops it.
+    fn serve_control(&mut self) -> CancellationToken {
+        let stop = CancellationToken::new();
+        if let Some(c) = self.control.take() {
+            tokio::spawn(control::serve(
+                c.listener,
+                c.commands,
+                c.access,
+                stop.clone(),
+            ));
+        }
+        stop
+    }
+
+    /// Closes the inherited descriptors this generation did not take, and tells the transport.
+    fn release_unclaimed(&mut self) {
+        for name in inherit::unclaimed() {
+            tracing::info!(
+                name,
+                "releasing an inherited descriptor this generation did not take"
+            );
+            self.transport.release(&name);
+            drop(inherit::take(&name));
+        }
+    }
+
+    /// Waits for the next restart request, answering status requests meanwhile.
+    async fn next_request(&mut self) -> Option<Initiator> {
+        loop {
+            match self.commands.recv().await? {
+                Command::Status(tx) => {
+                    let _ = tx.send(self.record.status(*self.ready.borrow()));
+                }
+                Command::Restart(initiator) => return Some(initiator),
+            }
+        }
+    }
+
+    /// Runs one restart. Meanwhile other requests are refused ("in progress") and a stop is
+    /// kept, to be run if this restart fails.
+    async fn restart_once(
+        &mut self,
+        initiator: &Initiator,
+    ) -> (Result<Handover, RestartError>, Option<Initiator>) {
+        let trigger = match initiator {
+            Initiator::Terminate => Trigger::Stop,
+            _ => Trigger::Request,
+        };
+        tracing::info!(trigger = initiator.describe(), "restart requested");
+        self.record.in_progress = true;
+        let mut stop = None;
+        let Loop {
+            ctx,
+            transport,
+            commands,
+            record,
+            ..
+        } = self;
+        let restart = transport.restart(ctx, trigger);
+        tokio::pin!(restart);
+        let result = loop {
+            tokio::select! {
+                r = &mut restart => break r,
+                Some(cmd) = commands.recv() => match cmd {
+                    Command::Status(tx) => { let _ = tx.send(record.status(true)); }
+                    Command::Restart(other) => {
+                        tracing::warn!("{}: a restart is already in progress", other.describe());
+                        match other {
+                            // systemd is stopping us: stop once this restart is over, if it failed.
+                            Initiator::Terminate => stop = Some(other),
+                            other => respond_later(other, Err(RestartError::InProgress)),
+                        }
+                    }
+                },
+            }
+        };
+        self.record.in_progress = false;
+        (result, stop)
+    }
+
+    /// After the handover: requests still queued are told to ask the new generation.
+    async fn answer_after_handover(mut self) {
+        self.commands.close();
+        while let Some(cmd) = self.commands.recv().await {
+            match cmd {
+                Command::Restart(i) => i.respond(Err(RestartError::HandedOver)).await,
+                Command::Status(tx) => {
+                    let _ = tx.send(self.record.status(true));
+                }
+            }
+        }
+    }
+}
+
+/// The loop's decisions, with scripted successors: no process is started.
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::lifecycle::LifecycleHandler;
+    use crate::outcome::{ExitStatus, SuccessorFailure};
+    use crate::state::StateWriter;
+    use crate::successor::Launcher;
+    use crate::successor::fake::{FakeLauncher, Script};
+
+    /// Writes `state` (or fails with `fail`), and counts the hooks.
+    #[derive(Clone, Default)]
+    struct Hooks {
+        state: Vec<u8>,
+        fail: Option<&'static str>,
+        pre: Arc<AtomicUsize>,
+        failed: Arc<AtomicUsize>,
+    }
+
+    #[async_trait::async_trait]
+    impl LifecycleHandler for Hooks {
+        async fn send_to_new_process(&mut self, mut w: StateWriter) -> io::Result<()> {
+            w.write_all(&self.state).await?;
+            match self.fail {
+                Some(why) => Err(io::Error::other(why)),
+                None => Ok(()),
+            }
+        }
+        async fn pre_new_process(&mut self) {
+            self.pre.fetch_add(1, Ordering::SeqCst);
+        }
+        async fn new_process_failed(&mut self) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A running loop, driven the way the control socket, signals and readiness drive it.
+    struct Harness {
+        commands: mpsc::Sender<Command>,
+        handle: RestartHandle,
+        ready: watch::Sender<bool>,
+        outcome: oneshot::Receiver<Result<Handover, RestartError>>,
+        launcher: FakeLauncher,
+        hooks: Hooks,
+    }
+
+    fn config(startup_timeout: Duration) -> RestartConfig {
+        RestartConfig {
+            startup_timeout,
+            ..Default::default()
+        }
+    }
+
+    fn start_loop<T: Transport>(
+        transport: T,
+        launcher: FakeLauncher,
+        config: RestartConfig,
+        hooks: Hooks,
+    ) -> Harness {
+        let (commands_tx, commands) = mpsc::channel(16);
+        let (ready, ready_rx) = watch::channel(false);
+        let (outcome_tx, outcome) = oneshot::channel();
+        let restart_loop = Loop {
+            ctx: Context {
+                config,
+                handler: Box::new(hooks.clone()),
+            },
+            transport,
+            commands,
+            ready: ready_rx,
+            control: None,
+            record: Record::new(T::KIND),
+        };
+        tokio::spawn(restart_loop.run(outcome_tx));
+        Harness {
+            handle: RestartHandle {
+                commands: commands_tx.clone(),
+            },
+            commands: commands_tx,
+            ready,
+            outcome,
+            launcher,
+            hooks,
+        }
+    }
+
+    /// A ready fork/exec loop whose successors follow `scripts`.
+    fn fork_exec(scripts: Vec<Script>, config: RestartConfig, hooks: Hooks) -> Harness {
+        let launcher = FakeLauncher::new(scripts);
+        let h = start_loop(ForkExec::new(launcher.clone()), launcher, config, hooks);
+        h.ready.send_replace(true);
+        h
+    }
+
+    fn systemd(scripts: Vec<Script>, config: RestartConfig, hooks: Hooks) -> Harness {
+        let launcher = FakeLauncher::new(scripts);
+        let h = start_loop(Systemd::detached(launcher.clone()), launcher, config, hooks);
+        h.ready.send_replace(true);
+        h
+    }
+
+    fn state(bytes: &[u8]) -> Hooks {
+        Hooks {
+            state: bytes.to_vec(),
+            ..Hooks::default()
+        }
+    }
+
+    impl Harness {
+        async fn status(&self) -> Status {
+            self.handle.status().await.expect("status")
+        }
+
+        async fn send(&self, initiator: Initiator) {
+            self.commands
+                .send(Command::Restart(initiator))
+                .await
+                .expect("the loop takes requests");
+        }
+
+        /// Starts a restart by the handle without waiting for it.
+        fn restart_in_background(
+            &self,
+        ) -> tokio::task::JoinHandle<Result<Option<u32>, RestartError>> {
+            let handle = self.handle.clone();
+            tokio::spawn(async move { handle.restart().await })
+        }
+
+        /// Waits until the loop reports a restart in progress.
+        async fn until_in_progress(&self) {
+            while !self.status().await.restart_in_progress {
+                tokio::task::yield_now().await;
+            }
+        }
+
+        fn hooks(&self) -> (usize, usize) {
+            (
+                self.hooks.pre.load(Ordering::SeqCst),
+                self.hooks.failed.load(Ordering::SeqCst),
+            )
+        }
+    }
+
+    const LONG: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn a_restart_before_ready_is_refused_and_status_answered() {
+        let launcher = FakeLauncher::new([]);
+        let h = start_loop(
+            ForkExec::new(launcher.clone()),
+            launcher,
+            config(LONG),
+            Hooks::default(),
+        );
+        let status = h.status().await;
+        assert!(!status.ready && !status.restart_in_progress, "{status:?}");
+        assert_eq!(status.lifecycle, crate::LifecycleKind::ForkExec);
+        assert!(matches!(
+            h.handle.restart().await,
+            Err(RestartError::NotReadyYet)
+        ));
+        assert!(h.launcher.launched().is_empty(), "nothing was started");
+    }
+
+    #[tokio::test]
+    async fn a_ready_successor_takes_over_with_the_state() {
+        let mut h = fork_exec(vec![Script::Ready], config(LONG), state(b"forty-two"));
+        let pid = h.handle.restart().await.expect("restart").expect("a PID");
+        let handover = (&mut h.outcome)
+            .await
+            .expect("outcome")
+            .expect("a handover");
+        assert_eq!(handover.new_pid(), Some(pid));
+        assert_eq!(handover.exit_code(), 0);
+        let launched = h.launcher.launched();
+        assert_eq!(launched.len(), 1);
+        assert_eq!(launched[0].pid, pid);
+        assert!(!launched[0].validation);
+        assert_eq!(launched[0].state.as_deref(), Some(&b"forty-two"[..]));
+        assert!(launched[0].reaped_in_background && !launched[0].killed);
+        assert_eq!(h.hooks(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_second_request_while_one_runs_is_refused_at_once() {
+        let h = fork_exec(
+            vec![Script::Hangs],
+            config(Duration::from_millis(300)),
+            Hooks::default(),
+        );
+        let first = h.restart_in_background();
+        h.until_in_progress().await;
+        assert!(matches!(
+            h.handle.restart().await,
+            Err(RestartError::InProgress)
+        ));
+        // The restart signal during a restart is dropped, not queued.
+        h.send(Initiator::RestartSignal).await;
+        let first = first.await.expect("join");
+        assert!(
+            matches!(
+                first,
+                Err(RestartError::Successor {
+                    failure: SuccessorFailure::NotReady(_),
+                    ..
+                })
+            ),
+            "{first:?}"
+        );
+        assert_eq!(h.launcher.launched().len(), 1, "one restart ran");
+        assert!(!h.status().await.restart_in_progress);
+    }
+
+    #[tokio::test]
+    async fn a_successor_that_exits_is_reported_and_the_old_one_keeps_going() {
+        let h = fork_exec(
+            vec![Script::Exits(3), Script::Ready],
+            config(LONG),
+            state(&vec![7u8; 300_000]),
+        );
+        let err = h.handle.restart().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RestartError::Successor {
+                    pid: 1000,
+                    failure: SuccessorFailure::Exited(ExitStatus::Code(3))
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "new process 1000 exited with status 3 before it was ready"
+        );
+        assert_eq!(h.hooks(), (1, 1));
+        let status = h.status().await;
+        let last = status.last_result.expect("a last result").to_string();
+        assert!(last.contains("exited with status 3"), "{last}");
+        // The next restart works.
+        assert_eq!(
+            h.handle.restart().await.expect("second restart"),
+            Some(1001)
+        );
+        assert_eq!(
+            h.launcher.launched()[1].state.as_ref().map(Vec::len),
+            Some(300_000)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reported_failure_carries_the_successor_reason() {
+        let h = fork_exec(
+            vec![Script::Reports("bad config: line 3".into())],
+            config(LONG),
+            Hooks::default(),
+        );
+        let err = h.handle.restart().await.unwrap_err();
+        assert!(
+            matches!(&err, RestartError::Successor { failure: SuccessorFailure::Reported { reason, .. }, .. } if reason == "bad config: line 3"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_successor_not_ready_in_time_is_killed() {
+        let timeout = Duration::from_millis(100);
+        let h = fork_exec(vec![Script::Hangs], config(timeout), Hooks::default());
+        let err = h.handle.restart().await.unwrap_err();
+        assert!(
+            matches!(err, RestartError::Successor { failure: SuccessorFailure::NotReady(t), .. } if t == timeout),
+            "{err:?}"
+        );
+        assert!(h.launcher.launched()[0].killed);
+    }
+
+    #[tokio::test]
+    async fn a_failed_state_send_kills_the_successor() {
+        let hooks = Hooks {
+            fail: Some("disk on fire"),
+            ..Hooks::default()
+        };
+        let h = fork_exec(vec![Script::Ready], config(LONG), hooks);
+        let err = h.handle.restart().await.unwrap_err();
+        assert!(matches!(err, RestartError::StateSend(_)), "{err:?}");
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert!(h.launcher.launched()[0].killed);
+        assert_eq!(h.hooks(), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_program_that_cannot_start_is_reported() {
+        let h = fork_exec(vec![Script::FailsToStart], config(LONG), Hooks::default());
+        let err = h.handle.restart().await.unwrap_err();
+        assert!(matches!(err, RestartError::Spawn(_)), "{err:?}");
+        assert!(err.to_string().contains("no such program"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn exit_on_error_resolves_the_task_with_the_error() {
+        let mut cfg = config(LONG);
+        cfg.exit_on_error = true;
+        let mut h = fork_exec(vec![Script::Exits(1)], cfg, Hooks::default());
+        let told = h.handle.restart().await.unwrap_err();
+        let outcome = (&mut h.outcome).await.expect("outcome").unwrap_err();
+        assert_eq!(told.to_string(), outcome.to_string());
+        assert!(
+            matches!(outcome, RestartError::Successor { .. }),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_exit_on_error_the_task_stays_pending() {
+        let mut h = fork_exec(vec![Script::Exits(1)], config(LONG), Hooks::default());
+        assert!(h.handle.restart().await.is_err());
+        assert!(matches!(
+            h.outcome.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+    }
+
+    #[tokio::test]
+    async fn requests_after_the_handover_start_nothing() {
+        let mut h = fork_exec(
+            vec![Script::Ready, Script::Ready],
+            config(LONG),
+            Hooks::default(),
+        );
+        h.handle.restart().await.expect("restart");
+        (&mut h.outcome).await.expect("outcome").expect("handover");
+        assert!(h.handle.restart().await.is_err());
+        // A control-socket client whose request was queued is told to ask the new generation.
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(Command::Restart(i))) = h
+            .commands
+            .send(Command::Restart(Initiator::Handle(tx)))
+            .await
+        {
+            i.respond(Err(RestartError::HandedOver)).await;
+        }
+        assert!(matches!(rx.await, Ok(Err(RestartError::HandedOver))));
+        assert_eq!(h.launcher.launched().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn systemd_validates_a_requested_restart_and_exits_with_the_restart_code() {
+        let mut h = systemd(vec![Script::Ready], config(LONG), state(b"stored"));
+        assert_eq!(h.handle.restart().await.expect("restart"), None);
+        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        assert_eq!((handover.new_pid(), handover.exit_code()), (None, 75));
+        let launched = h.launcher.launched();
+        assert!(launched[0].validation, "a validation run");
+        assert_eq!(launched[0].state.as_deref(), Some(&b"stored"[..]));
+    }
+
+    #[tokio::test]
+    async fn systemd_rejected_state_keeps_serving() {
+        let mut h = systemd(
+            vec![Script::Reports("format 1 is not 2".into())],
+            config(LONG),
+            state(b"x"),
+        );
+        let err = h.handle.restart().await.unwrap_err();
+        assert!(matches!(err, RestartError::Rejected { .. }), "{err:?}");
+        assert!(err.to_string().contains("format 1 is not 2"), "{err}");
+        assert_eq!(h.hooks(), (1, 1));
+        assert!(matches!(
+            h.outcome.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+    }
+
+    #[tokio::test]
+    async fn sigterm_during_a_refused_restart_still_stops() {
+        let mut h = systemd(
+            vec![Script::Hangs],
+            config(Duration::from_millis(300)),
+            Hooks::default(),
+        );
+        let first = h.restart_in_background();
+        h.until_in_progress().await;
+        h.send(Initiator::Terminate).await;
+        assert!(matches!(
+            first.await.expect("join"),
+            Err(RestartError::Rejected { .. })
+        ));
+        // The stop ran once the refused restart was over: no validation, exit status 0.
+        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        assert_eq!((handover.new_pid(), handover.exit_code()), (None, 0));
+        assert_eq!(
+            h.launcher.launched().len(),
+            1,
+            "a stop starts no validation run"
+        );
+    }
+
+    #[tokio::test]
+    async fn sigterm_before_ready_stops_once_ready() {
+        let launcher = FakeLauncher::new([]);
+        let mut h = start_loop(
+            Systemd::detached(launcher.clone()),
+            launcher,
+            config(LONG),
+            Hooks::default(),
+        );
+        h.send(Initiator::Terminate).await;
+        assert!(h.outcome.try_recv().is_err(), "not before ready");
+        h.ready.send_replace(true);
+        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        assert_eq!(handover.exit_code(), 0);
+    }
+
+    /// The seam is the only way the loop reaches a successor.
+    #[test]
+    fn the_fake_is_a_launcher() {
+        fn is_launcher<L: Launcher>() {}
+        is_launcher::<FakeLauncher>();
+        is_launcher::<Spawner>();
     }
 }

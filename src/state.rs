@@ -37,6 +37,9 @@ pub enum StateError {
     /// Reading the state failed.
     #[error("cannot read the state: {0}")]
     Io(#[from] io::Error),
+    /// The environment that describes the inherited state descriptor is wrong.
+    #[error(transparent)]
+    Inherit(#[from] crate::InheritError),
     /// The bytes are not a shellflip state at all.
     #[error("the state was not written by shellflip (bad magic)")]
     Foreign,
@@ -61,6 +64,7 @@ impl From<StateError> for io::Error {
     fn from(e: StateError) -> io::Error {
         match e {
             StateError::Io(e) => e,
+            StateError::Inherit(e) => io::Error::new(io::ErrorKind::InvalidInput, e),
             StateError::Torn { .. } => io::Error::new(io::ErrorKind::UnexpectedEof, e),
             other => io::Error::new(io::ErrorKind::InvalidData, other),
         }
@@ -97,10 +101,30 @@ fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, StateError> {
     })
 }
 
-/// Writes the framing around the application's bytes. Cloning it shares it: the application
-/// gets one handle, the library keeps another to commit once the application is done.
+/// Where the old generation writes its state for the next one
+/// ([`LifecycleHandler::send_to_new_process`](crate::LifecycleHandler::send_to_new_process)).
+///
+/// Write plain bytes: the library frames them in checksummed chunks and commits the state only
+/// after `send_to_new_process` returned `Ok`. The state is a **snapshot**: what the application
+/// changes after writing it does not reach the new generation.
+///
+/// # Examples
+///
+/// ```
+/// use shellflip::{LifecycleHandler, StateWriter};
+/// use tokio::io::AsyncWriteExt;
+///
+/// struct Sessions(Vec<u8>);
+///
+/// #[shellflip::async_trait]
+/// impl LifecycleHandler for Sessions {
+///     async fn send_to_new_process(&mut self, mut state: StateWriter) -> std::io::Result<()> {
+///         state.write_all(&self.0).await
+///     }
+/// }
+/// ```
 #[derive(Clone)]
-pub(crate) struct StateWriter {
+pub struct StateWriter {
     inner: Arc<Mutex<FrameWriter>>,
 }
 
@@ -117,6 +141,12 @@ struct FrameWriter {
     /// Whether writing to the sink failed (the reader went away), as opposed to the
     /// application's own failure.
     sink_failed: bool,
+}
+
+impl std::fmt::Debug for StateWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateWriter").finish_non_exhaustive()
+    }
 }
 
 impl StateWriter {
@@ -255,55 +285,186 @@ impl AsyncWrite for StateWriter {
     }
 }
 
-/// A reader of a state stream's verified payload; it reads and checks the header first.
-///
-/// The reader ends (returns 0) only after the commit record was found and the total length and
-/// checksum matched. A stream that stops before that is an [`io::ErrorKind::UnexpectedEof`]
-/// error carrying [`StateError::Torn`]; damaged bytes are [`io::ErrorKind::InvalidData`].
-pub(crate) fn read_stream<R>(source: R) -> StateReader
-where
-    R: AsyncRead + Send + 'static,
-{
-    StateReader {
-        source: Box::pin(source),
-        step: Step::Header,
-        buf: Vec::new(),
-        filled: 0,
-        served: 0,
-        total: crc32fast::Hasher::new(),
-        total_len: 0,
-    }
-}
-
-/// The verified payload of a state: see [`read_stream`].
-pub(crate) struct StateReader {
-    source: Pin<Box<dyn AsyncRead + Send>>,
+/// The format's checks without any I/O: it is given each record whole, exactly
+/// [`want`](Decoder::want) bytes at a time, and says what the record was or why it is wrong.
+/// The stream reader and the stored-state verifier both drive it, so both check the same way.
+#[derive(Debug, Clone)]
+pub(crate) struct Decoder {
     step: Step,
-    /// The current record: filled up to `filled`, payload served up to `served`.
-    buf: Vec<u8>,
-    filled: usize,
-    served: usize,
     total: crc32fast::Hasher,
     total_len: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
-    /// Reading the header.
+    /// The header comes next.
     Header,
-    /// Reading a record's 4-byte length.
+    /// A record's 4-byte length comes next.
     Length,
-    /// Reading a chunk's checksum and payload.
-    Chunk,
-    /// Serving a verified chunk's payload.
-    Serve,
-    /// Reading the commit record.
+    /// A chunk's checksum and this many payload bytes come next.
+    Chunk(usize),
+    /// The commit record's body comes next.
     Commit,
+    /// Committed: nothing more is read.
     Done,
 }
 
+/// What a record given to [`Decoder::push`] was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// The header: who wrote the state.
+    Header(Header),
+    /// A record's length; nothing to hand out.
+    Length,
+    /// A chunk whose payload (the record from [`PAYLOAD_OFFSET`] on) matched its checksum.
+    Chunk,
+    /// The commit record matched the whole payload: the state is complete.
+    Committed,
+}
+
+/// Where a chunk record's payload starts (after its checksum).
+pub(crate) const PAYLOAD_OFFSET: usize = 4;
+/// The commit record's body: total length, total checksum, magic.
+const COMMIT_LEN: usize = 8 + 4 + 8;
+
+impl Decoder {
+    pub(crate) fn new() -> Decoder {
+        Decoder {
+            step: Step::Header,
+            total: crc32fast::Hasher::new(),
+            total_len: 0,
+        }
+    }
+
+    /// How many bytes the next record has (0 once the state is committed).
+    pub(crate) fn want(&self) -> usize {
+        match self.step {
+            Step::Header => HEADER_LEN,
+            Step::Length => 4,
+            Step::Chunk(len) => PAYLOAD_OFFSET + len,
+            Step::Commit => COMMIT_LEN,
+            Step::Done => 0,
+        }
+    }
+
+    /// Whether the commit record was read and matched.
+    pub(crate) fn is_done(&self) -> bool {
+        self.step == Step::Done
+    }
+
+    /// The error for a stream that ended now: torn, with the payload bytes verified so far.
+    pub(crate) fn torn(&self) -> StateError {
+        StateError::Torn {
+            received: self.total_len,
+        }
+    }
+
+    /// Checks the next record, `record.len() == self.want()`.
+    pub(crate) fn push(&mut self, record: &[u8]) -> Result<Record, StateError> {
+        debug_assert_eq!(record.len(), self.want());
+        match self.step {
+            Step::Header => {
+                let mut h = [0u8; HEADER_LEN];
+                h.copy_from_slice(record);
+                let header = decode_header(&h)?;
+                self.step = Step::Length;
+                Ok(Record::Header(header))
+            }
+            Step::Length => {
+                let len = u32::from_be_bytes([record[0], record[1], record[2], record[3]]) as usize;
+                self.step = match len {
+                    0 => Step::Commit,
+                    len if len > MAX_CHUNK => {
+                        return Err(StateError::Corrupt("chunk length too large"));
+                    }
+                    len => Step::Chunk(len),
+                };
+                Ok(Record::Length)
+            }
+            Step::Chunk(_) => {
+                let crc = u32::from_be_bytes([record[0], record[1], record[2], record[3]]);
+                let payload = &record[PAYLOAD_OFFSET..];
+                let mut hasher = crc32fast::Hasher::new();
+                hasher.update(payload);
+                self.total.combine(&hasher);
+                if hasher.finalize() != crc {
+                    return Err(StateError::Corrupt("chunk checksum mismatch"));
+                }
+                self.total_len += payload.len() as u64;
+                self.step = Step::Length;
+                Ok(Record::Chunk)
+            }
+            Step::Commit => {
+                let mut len = [0u8; 8];
+                len.copy_from_slice(&record[..8]);
+                let crc = u32::from_be_bytes([record[8], record[9], record[10], record[11]]);
+                if &record[12..20] != COMMIT_MAGIC {
+                    return Err(StateError::Corrupt("bad commit record"));
+                }
+                if u64::from_be_bytes(len) != self.total_len || crc != self.total.clone().finalize()
+                {
+                    return Err(StateError::Corrupt("total length or checksum mismatch"));
+                }
+                self.step = Step::Done;
+                Ok(Record::Committed)
+            }
+            Step::Done => Err(StateError::Corrupt("bytes after the commit record")),
+        }
+    }
+}
+
+/// A reader of a state stream's verified payload; it reads and checks the header first.
+pub(crate) fn read_stream<R>(source: R) -> StateReader
+where
+    R: AsyncRead + Send + 'static,
+{
+    StateReader {
+        source: Box::pin(source),
+        decoder: Decoder::new(),
+        buf: Vec::new(),
+        filled: 0,
+        served: None,
+    }
+}
+
+/// The state the previous generation wrote, as the new one reads it
+/// ([`receive_from_old_process`](crate::receive_from_old_process)).
+///
+/// It hands out only payload whose chunk checksum matched, and ends (a read of 0 bytes) only
+/// after the commit record matched the whole payload. A stream that stops before that is an
+/// [`io::ErrorKind::UnexpectedEof`] error carrying [`StateError::Torn`]; damaged bytes are
+/// [`io::ErrorKind::InvalidData`]. Never a silent short read.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> std::io::Result<()> {
+/// use tokio::io::AsyncReadExt;
+///
+/// if let Some(mut state) = shellflip::receive_from_old_process() {
+///     let mut bytes = Vec::new();
+///     state.read_to_end(&mut bytes).await?; // all of it, verified, or an error
+/// }
+/// # Ok(()) }
+/// ```
+pub struct StateReader {
+    source: Pin<Box<dyn AsyncRead + Send>>,
+    decoder: Decoder,
+    /// The current record, filled up to `filled`.
+    buf: Vec<u8>,
+    filled: usize,
+    /// A verified chunk being handed out: how far.
+    served: Option<usize>,
+}
+
+impl std::fmt::Debug for StateReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateReader").finish_non_exhaustive()
+    }
+}
+
 impl StateReader {
-    /// Fills `buf[filled..]` from the source. Ok(false) at end of stream before it was full.
+    /// Fills the current record from the source. Ok(false) at end of stream before it was full.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         while self.filled < self.buf.len() {
             let mut rb = tokio::io::ReadBuf::new(&mut self.buf[self.filled..]);
@@ -316,20 +477,6 @@ impl StateReader {
         }
         Poll::Ready(Ok(true))
     }
-
-    fn expect(&mut self, len: usize, step: Step) {
-        self.buf.clear();
-        self.buf.resize(len, 0);
-        self.filled = 0;
-        self.step = step;
-    }
-
-    fn torn(&self) -> io::Error {
-        StateError::Torn {
-            received: self.total_len,
-        }
-        .into()
-    }
 }
 
 impl AsyncRead for StateReader {
@@ -340,91 +487,34 @@ impl AsyncRead for StateReader {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            match this.step {
-                Step::Done => return Poll::Ready(Ok(())),
-                Step::Header => {
-                    if this.buf.len() != HEADER_LEN {
-                        this.expect(HEADER_LEN, Step::Header);
-                    }
-                    if !ready!(this.poll_fill(cx))? {
-                        return Poll::Ready(Err(this.torn()));
-                    }
-                    let mut h = [0u8; HEADER_LEN];
-                    h.copy_from_slice(&this.buf);
-                    decode_header(&h)?;
-                    this.expect(4, Step::Length);
-                }
-                Step::Length => {
-                    if this.buf.len() != 4 {
-                        this.expect(4, Step::Length);
-                    }
-                    if !ready!(this.poll_fill(cx))? {
-                        return Poll::Ready(Err(this.torn()));
-                    }
-                    let len =
-                        u32::from_be_bytes([this.buf[0], this.buf[1], this.buf[2], this.buf[3]])
-                            as usize;
-                    if len == 0 {
-                        this.expect(8 + 4 + 8, Step::Commit);
-                    } else if len > MAX_CHUNK {
-                        return Poll::Ready(Err(
-                            StateError::Corrupt("chunk length too large").into()
-                        ));
-                    } else {
-                        this.expect(4 + len, Step::Chunk);
-                    }
-                }
-                Step::Chunk => {
-                    if !ready!(this.poll_fill(cx))? {
-                        return Poll::Ready(Err(this.torn()));
-                    }
-                    let crc =
-                        u32::from_be_bytes([this.buf[0], this.buf[1], this.buf[2], this.buf[3]]);
-                    let payload = &this.buf[4..];
-                    let mut hasher = crc32fast::Hasher::new();
-                    hasher.update(payload);
-                    this.total.combine(&hasher);
-                    if hasher.finalize() != crc {
-                        return Poll::Ready(Err(
-                            StateError::Corrupt("chunk checksum mismatch").into()
-                        ));
-                    }
-                    this.total_len += payload.len() as u64;
-                    this.served = 4;
-                    this.step = Step::Serve;
-                }
-                Step::Serve => {
-                    let rest = &this.buf[this.served..];
-                    if rest.is_empty() {
-                        this.expect(4, Step::Length);
-                        continue;
-                    }
+            if let Some(pos) = this.served {
+                let rest = &this.buf[pos..];
+                if !rest.is_empty() {
                     let n = rest.len().min(out.remaining());
                     out.put_slice(&rest[..n]);
-                    this.served += n;
+                    this.served = Some(pos + n);
                     return Poll::Ready(Ok(()));
                 }
-                Step::Commit => {
-                    if !ready!(this.poll_fill(cx))? {
-                        return Poll::Ready(Err(this.torn()));
-                    }
-                    let b = &this.buf;
-                    let mut len = [0u8; 8];
-                    len.copy_from_slice(&b[..8]);
-                    let crc = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
-                    if &b[12..20] != COMMIT_MAGIC {
-                        return Poll::Ready(Err(StateError::Corrupt("bad commit record").into()));
-                    }
-                    if u64::from_be_bytes(len) != this.total_len
-                        || crc != this.total.clone().finalize()
-                    {
-                        return Poll::Ready(Err(StateError::Corrupt(
-                            "total length or checksum mismatch",
-                        )
-                        .into()));
-                    }
-                    this.step = Step::Done;
-                    this.buf = Vec::new();
+                this.served = None;
+                this.buf.clear();
+                this.filled = 0;
+            }
+            if this.decoder.is_done() {
+                this.buf = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+            if this.buf.is_empty() {
+                this.buf.resize(this.decoder.want(), 0);
+                this.filled = 0;
+            }
+            if !ready!(this.poll_fill(cx))? {
+                return Poll::Ready(Err(this.decoder.torn().into()));
+            }
+            match this.decoder.push(&this.buf)? {
+                Record::Chunk => this.served = Some(PAYLOAD_OFFSET),
+                Record::Header(_) | Record::Length | Record::Committed => {
+                    this.buf.clear();
+                    this.filled = 0;
                 }
             }
         }
@@ -434,68 +524,28 @@ impl AsyncRead for StateReader {
 /// Checks a stored state (a memfd) from its start to its commit record without handing out
 /// any byte, then rewinds it. `Ok(None)` means the file is empty: no state was left.
 pub(crate) fn verify_file(file: &mut std::fs::File) -> Result<Option<Header>, StateError> {
+    if file.metadata()?.len() == 0 {
+        return Ok(None);
+    }
     file.seek(SeekFrom::Start(0))?;
     let mut r = io::BufReader::with_capacity(1 << 20, &mut *file);
-    let mut h = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match r.read(&mut h[got..])? {
-            0 if got == 0 => return Ok(None),
-            0 => return Err(StateError::Torn { received: 0 }),
-            n => got += n,
+    let mut decoder = Decoder::new();
+    let mut header = None;
+    let mut record = Vec::new();
+    while !decoder.is_done() {
+        record.resize(decoder.want(), 0);
+        match r.read_exact(&mut record) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(decoder.torn()),
+            Err(e) => return Err(StateError::Io(e)),
         }
-    }
-    let header = decode_header(&h)?;
-    let mut total = crc32fast::Hasher::new();
-    let mut total_len = 0u64;
-    let mut chunk = Vec::new();
-    let torn = |total_len| {
-        move |e: io::Error| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                StateError::Torn {
-                    received: total_len,
-                }
-            } else {
-                StateError::Io(e)
-            }
+        if let Record::Header(h) = decoder.push(&record)? {
+            header = Some(h);
         }
-    };
-    loop {
-        let mut len = [0u8; 4];
-        r.read_exact(&mut len).map_err(torn(total_len))?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len == 0 {
-            let mut c = [0u8; 20];
-            r.read_exact(&mut c).map_err(torn(total_len))?;
-            let mut l = [0u8; 8];
-            l.copy_from_slice(&c[..8]);
-            if &c[12..20] != COMMIT_MAGIC {
-                return Err(StateError::Corrupt("bad commit record"));
-            }
-            if u64::from_be_bytes(l) != total_len
-                || u32::from_be_bytes([c[8], c[9], c[10], c[11]]) != total.finalize()
-            {
-                return Err(StateError::Corrupt("total length or checksum mismatch"));
-            }
-            break;
-        }
-        if len > MAX_CHUNK {
-            return Err(StateError::Corrupt("chunk length too large"));
-        }
-        chunk.resize(4 + len, 0);
-        r.read_exact(&mut chunk).map_err(torn(total_len))?;
-        let crc = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&chunk[4..]);
-        total.combine(&hasher);
-        if hasher.finalize() != crc {
-            return Err(StateError::Corrupt("chunk checksum mismatch"));
-        }
-        total_len += len as u64;
     }
     drop(r);
     file.seek(SeekFrom::Start(0))?;
-    Ok(Some(header))
+    Ok(header)
 }
 
 /// Creates an empty, close-on-exec memfd to hold a state.

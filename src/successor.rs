@@ -1,17 +1,22 @@
-//! Starting a successor process and learning whether it became ready: both sides of the
-//! readiness pipe, the spawner thread, the start-up timeout, and reaping.
+//! Starting a successor process and learning whether it took over: the seam between the
+//! restart's decisions and the operating system.
+//!
+//! The lifecycles start successors through a [`Launcher`] and follow each through its
+//! [`Child`]: its PID, whether it declared itself ready (or failed, or exited) within a timeout,
+//! killing and reaping it. [`Spawner`] and [`Process`] are the real ones; the restart loop's unit
+//! tests put scripted ones in their place, as tableflip's `env.go` does.
 //!
 //! The successor is started with `posix_spawn` (glibc uses `clone(CLONE_VM | CLONE_VFORK)`),
 //! so starting it costs the same whatever memory the service holds: no page table is copied.
 //! Its descriptors are placed at `3..3+n` by the spawn's file actions, so no descriptor is ever
 //! made inheritable in this process, where another thread's `Command` could leak it.
 //!
-//! Readiness pipe protocol, one line from the successor: `R\n` (ready) or `F<reason>\n`
-//! (start-up failed, with the application's reason).
+//! The successor answers on a readiness pipe with one [`ReadyLine`].
 
 use std::ffi::{CString, OsString};
-use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -26,13 +31,42 @@ use tokio::io::AsyncReadExt;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
-use crate::inherit::{self, FIRST_FD, Mode};
+use crate::inherit::{self, FIRST_FD, MAX_REASON, Mode, READY_FD, ReadyLine};
+use crate::outcome::{ExitStatus, SuccessorFailure};
 use crate::registry::{Kind, Registry, classify};
 
-/// Name of the readiness pipe handed to the successor.
-pub(crate) const READY_FD: &str = "shellflip.ready";
-/// Longest failure reason read from a successor.
-const MAX_REASON: usize = 4096;
+/// Starts successors.
+pub(crate) trait Launcher: Send + Sync + 'static {
+    /// What follows one started successor.
+    type Child: Child;
+
+    /// Starts a successor in `mode`, handing it the registry's descriptors plus `extra`.
+    fn launch(
+        &self,
+        mode: Mode,
+        extra: Vec<(String, OwnedFd)>,
+    ) -> impl Future<Output = io::Result<Self::Child>> + Send;
+}
+
+/// One started successor, until it took over or is gone.
+pub(crate) trait Child: Send + 'static {
+    /// Its PID.
+    fn pid(&self) -> u32;
+
+    /// Waits until it is ready, fails, exits, or `timeout` (from now) passes; in the last case
+    /// it is killed and reaped.
+    fn wait_ready(
+        &mut self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), SuccessorFailure>> + Send;
+
+    /// Kills it and reaps it: no zombie is left behind.
+    fn kill_and_reap(&mut self) -> impl Future<Output = ExitStatus> + Send;
+
+    /// After a successful handover: reaps it whenever it exits, so that a generation that
+    /// outlives its successor (a long drain) never leaves a zombie.
+    fn reap_in_background(self);
+}
 
 /// What to start.
 pub(crate) struct SpawnRequest {
@@ -45,14 +79,24 @@ pub(crate) struct SpawnRequest {
 
 type Job = (SpawnRequest, oneshot::Sender<io::Result<Pid>>);
 
-/// A thread started up front that starts successors, so that starting one keeps working after
-/// the service locked its other threads down (seccomp, dropped capabilities).
+/// The real [`Launcher`]: a thread started up front that starts successors, so that starting
+/// one keeps working after the service locked its other threads down (seccomp, dropped
+/// capabilities).
 pub(crate) struct Spawner {
     jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+    program: PathBuf,
+    environment: Vec<(OsString, OsString)>,
+    registry: Registry,
 }
 
 impl Spawner {
-    pub(crate) fn start() -> io::Result<Spawner> {
+    /// Starts the thread; successors run `program` with this process's arguments, its
+    /// environment plus `environment`, and `registry`'s descriptors.
+    pub(crate) fn start(
+        program: PathBuf,
+        environment: Vec<(OsString, OsString)>,
+        registry: Registry,
+    ) -> io::Result<Spawner> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("shellflip-spawner".into())
@@ -63,10 +107,13 @@ impl Spawner {
             })?;
         Ok(Spawner {
             jobs: Mutex::new(tx),
+            program,
+            environment,
+            registry,
         })
     }
 
-    pub(crate) async fn spawn(&self, req: SpawnRequest) -> io::Result<Pid> {
+    async fn spawn(&self, req: SpawnRequest) -> io::Result<Pid> {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .lock()
@@ -146,47 +193,22 @@ fn dup_above(fd: OwnedFd, min: RawFd) -> nix::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// How a successor stopped before it was ready.
-pub(crate) fn describe(status: &WaitStatus) -> String {
+/// How a reaped process ended.
+fn exit_status(status: &WaitStatus) -> ExitStatus {
     match status {
-        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
-        WaitStatus::Signaled(_, sig, _) => format!("was killed by signal {}", sig.as_str()),
-        other => format!("stopped ({other:?})"),
+        WaitStatus::Exited(_, code) => ExitStatus::Code(*code),
+        WaitStatus::Signaled(_, sig, _) => ExitStatus::Signal(*sig),
+        _ => ExitStatus::Unknown,
     }
 }
 
-/// Why a successor did not become ready.
-#[derive(Debug)]
-pub(crate) enum NotReady {
-    /// It exited before it was ready.
-    Exited(String),
-    /// It reported a start-up failure.
-    Failed { reason: String, status: String },
-    /// It was not ready in time, and was killed.
-    Timeout(Duration),
-}
+impl Launcher for Spawner {
+    type Child = Process;
 
-/// A started successor, until it is ready or gone.
-pub(crate) struct Successor {
-    pub(crate) pid: Pid,
-    pidfd: AsyncFd<OwnedFd>,
-    ready: tokio::net::unix::pipe::Receiver,
-    reaped: bool,
-}
-
-impl Successor {
-    /// Starts `registry`'s descriptors plus `extra` in a new process running this program.
-    pub(crate) async fn start(
-        spawner: &Spawner,
-        program: PathBuf,
-        extra_env: &[(OsString, OsString)],
-        registry: &Registry,
-        extra_fds: Vec<(String, OwnedFd)>,
-        mode: Mode,
-    ) -> io::Result<Successor> {
+    async fn launch(&self, mode: Mode, extra_fds: Vec<(String, OwnedFd)>) -> io::Result<Process> {
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let extra = extra_fds.len() + 1;
-        let (mut names, mut fds) = registry.with_fds(|list| {
+        let (mut names, mut fds) = self.registry.with_fds(|list| {
             // A validation run gets the listeners, never the connections: it must not read
             // from a client the serving generation is still talking to.
             let list: Vec<_> = list
@@ -216,15 +238,15 @@ impl Successor {
         }
         names.push(READY_FD.into());
         fds.push(ready_w);
-        let generation = inherit::generation() + 1;
-        let env = inherit::successor_environment(extra_env, &names, generation, mode);
+        let generation = inherit::generation().saturating_add(1);
+        let env = inherit::successor_environment(&self.environment, &names, generation, mode);
         let mut argv: Vec<OsString> = std::env::args_os().collect();
         if argv.is_empty() {
-            argv.push(program.clone().into_os_string());
+            argv.push(self.program.clone().into_os_string());
         }
-        let pid = spawner
+        let pid = self
             .spawn(SpawnRequest {
-                program,
+                program: self.program.clone(),
                 argv,
                 env,
                 fds,
@@ -233,20 +255,33 @@ impl Successor {
         // The write end went to the spawner and is closed: only the successor holds it now.
         let pidfd = pidfd_open(pid)?;
         let ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)?;
-        Ok(Successor {
+        Ok(Process {
             pid,
             // SAFETY: the OwnedFd owns the pidfd and keeps it open, unchanged, for as long as
             // the AsyncFd holds it.
             pidfd: unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
                 .map_err(io::Error::from)?,
             ready,
-            reaped: false,
+            status: None,
         })
     }
+}
 
-    /// Waits until the successor is ready, fails, exits, or `timeout` (from now) passes; in the
-    /// last case it is killed and reaped.
-    pub(crate) async fn wait_ready(&mut self, timeout: Duration) -> Result<(), NotReady> {
+/// The real [`Child`]: a process followed through its pidfd and its readiness pipe.
+pub(crate) struct Process {
+    pid: Pid,
+    pidfd: AsyncFd<OwnedFd>,
+    ready: tokio::net::unix::pipe::Receiver,
+    /// How it ended, once reaped.
+    status: Option<ExitStatus>,
+}
+
+impl Child for Process {
+    fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), SuccessorFailure> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut line = Vec::new();
         let outcome = tokio::select! {
@@ -259,25 +294,40 @@ impl Successor {
             }
             _ = tokio::time::sleep_until(deadline) => {
                 self.kill_and_reap().await;
-                return Err(NotReady::Timeout(timeout));
+                return Err(SuccessorFailure::NotReady(timeout));
             }
         };
         let _ = outcome;
-        match line.first() {
-            Some(b'R') => Ok(()),
-            Some(b'F') => {
-                let reason = String::from_utf8_lossy(&line[1..]).trim_end().to_owned();
+        match ReadyLine::decode(&line) {
+            Some(ReadyLine::Ready) => Ok(()),
+            Some(ReadyLine::Failed(reason)) => {
                 let status = self.exit_status_within(Duration::from_secs(5)).await;
-                Err(NotReady::Failed { reason, status })
+                Err(SuccessorFailure::Reported { reason, status })
             }
-            _ => Err(NotReady::Exited(
+            None => Err(SuccessorFailure::Exited(
                 self.exit_status_within(Duration::from_secs(5)).await,
             )),
         }
     }
 
+    async fn kill_and_reap(&mut self) -> ExitStatus {
+        if self.status.is_none() {
+            let _ = kill(self.pid, Signal::SIGKILL);
+        }
+        self.reap().await
+    }
+
+    fn reap_in_background(mut self) {
+        tokio::spawn(async move {
+            let status = self.reap().await;
+            tracing::debug!(pid = self.pid.as_raw(), "successor {status}");
+        });
+    }
+}
+
+impl Process {
     /// The exit status, waiting at most `limit` for the exit (then killing it).
-    async fn exit_status_within(&mut self, limit: Duration) -> String {
+    async fn exit_status_within(&mut self, limit: Duration) -> ExitStatus {
         if tokio::time::timeout(limit, self.pidfd.readable())
             .await
             .is_err()
@@ -287,15 +337,9 @@ impl Successor {
         self.reap().await
     }
 
-    /// Kills the successor and reaps it (no zombie is left behind).
-    pub(crate) async fn kill_and_reap(&mut self) -> String {
-        let _ = kill(self.pid, Signal::SIGKILL);
-        self.reap().await
-    }
-
-    async fn reap(&mut self) -> String {
-        if self.reaped {
-            return "was reaped".into();
+    async fn reap(&mut self) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
         }
         let _ = self.pidfd.readable().await;
         match waitid(
@@ -303,20 +347,15 @@ impl Successor {
             WaitPidFlag::WEXITED,
         ) {
             Ok(status) => {
-                self.reaped = true;
-                describe(&status)
+                let status = exit_status(&status);
+                self.status = Some(status);
+                status
             }
-            Err(e) => format!("ended (status unknown: {e})"),
+            Err(e) => {
+                tracing::warn!(pid = self.pid.as_raw(), "cannot read the exit status: {e}");
+                ExitStatus::Unknown
+            }
         }
-    }
-
-    /// After a successful handover: reaps the successor whenever it exits, so that a
-    /// generation that outlives its successor (a long drain) never leaves a zombie.
-    pub(crate) fn reap_in_background(mut self) {
-        tokio::spawn(async move {
-            let status = self.reap().await;
-            tracing::debug!(pid = self.pid.as_raw(), "successor {status}");
-        });
     }
 }
 
@@ -347,21 +386,181 @@ fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
 }
 
-/// The successor's side: tells the parent generation (if any) that this process is ready.
-/// Returns false when there is no parent waiting.
-pub(crate) fn tell_parent(message: &[u8]) -> io::Result<bool> {
-    let Some(fd) = Registry::adopt_internal(READY_FD).map_err(io::Error::other)? else {
-        return Ok(false);
-    };
-    let mut pipe = std::fs::File::from(fd);
-    pipe.write_all(message)?;
-    Ok(true)
-}
+/// Scripted successors for the restart loop's unit tests: no process is started.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
 
-/// Makes `fd` a readable descriptor of its own (a new open file description with its own
-/// offset), for handing a memfd to a validation run without sharing our write offset.
-pub(crate) fn reopen_readonly(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let f = std::fs::OpenOptions::new().read(true).open(path)?;
-    Ok(f.into())
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// What a fake successor does.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) enum Script {
+        /// Reads the whole state, then declares itself ready.
+        Ready,
+        /// Exits with this status before it is ready, without reading the state.
+        Exits(i32),
+        /// Reports this start-up failure, then exits with status 1.
+        Reports(String),
+        /// Reads the state, then never answers.
+        Hangs,
+        /// Cannot be started at all.
+        FailsToStart,
+    }
+
+    /// One successor the fake started, as the test sees it afterwards.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct Launched {
+        pub(crate) pid: u32,
+        pub(crate) validation: bool,
+        /// The state it read, verified, when it read one.
+        pub(crate) state: Option<Vec<u8>>,
+        pub(crate) killed: bool,
+        pub(crate) reaped_in_background: bool,
+    }
+
+    #[derive(Default)]
+    struct Inner {
+        scripts: VecDeque<Script>,
+        launched: Vec<Launched>,
+    }
+
+    /// Starts one scripted successor per launch, in order. Cheap to clone: clones share it.
+    #[derive(Clone, Default)]
+    pub(crate) struct FakeLauncher {
+        inner: Arc<Mutex<Inner>>,
+    }
+
+    impl FakeLauncher {
+        pub(crate) fn new(scripts: impl IntoIterator<Item = Script>) -> FakeLauncher {
+            let launcher = FakeLauncher::default();
+            launcher.lock().scripts = scripts.into_iter().collect();
+            launcher
+        }
+
+        /// Every successor started so far.
+        pub(crate) fn launched(&self) -> Vec<Launched> {
+            self.lock().launched.clone()
+        }
+
+        fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+            self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    /// Reads a state descriptor (a pipe, or a memfd for a validation run) to its end, verified.
+    async fn read_state(fd: OwnedFd) -> io::Result<Vec<u8>> {
+        let file = std::fs::File::from(fd);
+        let mut bytes = Vec::new();
+        if file.metadata()?.is_file() {
+            crate::state::read_stream(tokio::fs::File::from_std(file))
+                .read_to_end(&mut bytes)
+                .await?;
+        } else {
+            let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(file.into())?;
+            crate::state::read_stream(pipe)
+                .read_to_end(&mut bytes)
+                .await?;
+        }
+        Ok(bytes)
+    }
+
+    impl Launcher for FakeLauncher {
+        type Child = FakeChild;
+
+        async fn launch(&self, mode: Mode, extra: Vec<(String, OwnedFd)>) -> io::Result<FakeChild> {
+            let mut inner = self.lock();
+            let script = inner.scripts.pop_front().unwrap_or(Script::Ready);
+            if script == Script::FailsToStart {
+                return Err(io::Error::new(io::ErrorKind::NotFound, "no such program"));
+            }
+            let index = inner.launched.len();
+            let pid = 1000 + index as u32;
+            inner.launched.push(Launched {
+                pid,
+                validation: mode == Mode::Validate,
+                ..Launched::default()
+            });
+            let state_fd = extra
+                .into_iter()
+                .find(|(name, _)| name == inherit::STATE_FD)
+                .map(|(_, fd)| fd);
+            // A successor that exits closes its end of the state; one that lives reads it.
+            let state = match (&script, state_fd) {
+                (Script::Ready | Script::Hangs, Some(fd)) => Some(tokio::spawn(read_state(fd))),
+                _ => None,
+            };
+            Ok(FakeChild {
+                launcher: self.clone(),
+                index,
+                pid,
+                script,
+                state,
+            })
+        }
+    }
+
+    /// A scripted successor.
+    pub(crate) struct FakeChild {
+        launcher: FakeLauncher,
+        index: usize,
+        pid: u32,
+        script: Script,
+        state: Option<tokio::task::JoinHandle<io::Result<Vec<u8>>>>,
+    }
+
+    impl FakeChild {
+        fn update(&self, f: impl FnOnce(&mut Launched)) {
+            f(&mut self.launcher.lock().launched[self.index]);
+        }
+
+        async fn take_state(&mut self) {
+            if let Some(task) = self.state.take() {
+                if let Ok(Ok(bytes)) = task.await {
+                    self.update(|l| l.state = Some(bytes));
+                }
+            }
+        }
+    }
+
+    impl Child for FakeChild {
+        fn pid(&self) -> u32 {
+            self.pid
+        }
+
+        async fn wait_ready(&mut self, timeout: Duration) -> Result<(), SuccessorFailure> {
+            match self.script.clone() {
+                Script::Ready => {
+                    self.take_state().await;
+                    Ok(())
+                }
+                Script::Hangs => {
+                    tokio::time::sleep(timeout).await;
+                    self.kill_and_reap().await;
+                    Err(SuccessorFailure::NotReady(timeout))
+                }
+                Script::Exits(code) => Err(SuccessorFailure::Exited(ExitStatus::Code(code))),
+                Script::Reports(reason) => Err(SuccessorFailure::Reported {
+                    reason,
+                    status: ExitStatus::Code(1),
+                }),
+                Script::FailsToStart => unreachable!("never started"),
+            }
+        }
+
+        async fn kill_and_reap(&mut self) -> ExitStatus {
+            if let Some(task) = self.state.take() {
+                task.abort();
+            }
+            self.update(|l| l.killed = true);
+            ExitStatus::Signal(Signal::SIGKILL)
+        }
+
+        fn reap_in_background(self) {
+            self.update(|l| l.reaped_in_background = true);
+        }
+    }
 }

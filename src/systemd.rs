@@ -1,57 +1,30 @@
-//! systemd: notification messages, the file descriptor store, and the systemd lifecycle's
-//! restart (state into a stored memfd, validation run, exit).
+//! The systemd lifecycle: systemd stops the old process and starts the new one, while the
+//! listeners, the state (in a memfd) and chosen connections wait in its file descriptor store.
+//! A requested restart is validated first: the new executable must accept the written state.
 //!
 //! See `sd_notify(3)` for `FDSTORE=1`, `FDNAME=`, `FDSTOREREMOVE=1`, `STOPPING=1` and
 //! `EXTEND_TIMEOUT_USEC=`; the unit needs `FileDescriptorStoreMax=` for the store to keep
 //! anything.
 
 use std::io::{Seek, SeekFrom};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::control::RestartCoordinationSocket;
-use crate::inherit::Mode;
-use crate::lifecycle::{STATE_FD, send_state};
+use crate::control::{Initiator, LifecycleKind, RestartCoordinationSocket};
+use crate::inherit::{self, INITIATOR_FD, Mode, Origin, STATE_FD};
+use crate::lifecycle::send_state;
+use crate::notify::{Store, notify, notify_socket_set};
+use crate::outcome::{Handover, RestartError, SetupError};
 use crate::registry::{Keeper, Registry};
-use crate::restart::{Context, Handover, RestartError};
-use crate::successor::{Successor, reopen_readonly};
+use crate::successor::{Child, Launcher};
+use crate::transport::{Context, Transport, Trigger};
 
-/// Name under which a control-socket initiator waits in the store for the new generation.
-const INITIATOR_FD: &str = "shellflip.initiator";
 /// How often `EXTEND_TIMEOUT_USEC=` is sent while the state is written, and by how much.
 const EXTEND_EVERY: Duration = Duration::from_secs(1);
 const EXTEND_BY: Duration = Duration::from_secs(5);
-
-/// Sends a notification to systemd when `NOTIFY_SOCKET` is set; failures are logged.
-pub(crate) fn notify(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!("cannot notify systemd: {e}");
-    }
-}
-
-/// Whether systemd is listening for notifications from this process.
-pub(crate) fn notify_socket_set() -> bool {
-    std::env::var_os("NOTIFY_SOCKET").is_some()
-}
-
-/// systemd's file descriptor store.
-pub(crate) struct Store;
-
-impl Keeper for Store {
-    fn keep(&self, name: &str, fd: BorrowedFd<'_>) {
-        let states = [NotifyState::FdStore, NotifyState::FdName(name)];
-        match sd_notify::notify_with_fds(&states, &[fd]) {
-            Ok(()) => tracing::debug!(name, "stored in systemd's file descriptor store"),
-            Err(e) => tracing::error!(name, "cannot store in systemd's file descriptor store: {e}"),
-        }
-    }
-
-    fn discard(&self, name: &str) {
-        notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
-    }
-}
 
 /// Says plainly at start-up whether the store can keep anything.
 fn check_store_enabled() {
@@ -65,7 +38,7 @@ fn check_store_enabled() {
         ),
         Some(n) => tracing::info!("systemd's file descriptor store holds up to {n} descriptors"),
         // Before 254 systemd does not say; but a previous generation's entries came back.
-        None if crate::inherit::origin() == crate::inherit::Origin::Systemd => {
+        None if inherit::origin() == Origin::Systemd => {
             tracing::debug!(
                 "systemd's file descriptor store handed back the previous generation's descriptors"
             )
@@ -78,56 +51,68 @@ fn check_store_enabled() {
     }
 }
 
-/// The systemd lifecycle's own resources.
-pub(crate) struct SystemdStore {
+/// The systemd lifecycle, running validation runs with `L`.
+pub(crate) struct Systemd<L> {
+    launcher: L,
     /// The memfd the state is written into; it is in the store under [`STATE_FD`].
     memfd: std::fs::File,
 }
 
-impl SystemdStore {
+impl<L: Launcher> Systemd<L> {
     /// Start-up: stores the registry's new descriptors and a fresh state memfd.
-    pub(crate) fn start(registry: &Registry) -> Result<SystemdStore, RestartError> {
+    pub(crate) fn start(registry: &Registry, launcher: L) -> Result<Systemd<L>, SetupError> {
         if !notify_socket_set() {
-            return Err(RestartError::NotUnderSystemd);
+            return Err(SetupError::NotUnderSystemd);
         }
         check_store_enabled();
-        let memfd = crate::state::create_memfd().map_err(RestartError::Io)?;
+        let memfd = crate::state::create_memfd().map_err(|source| SetupError::Os {
+            what: "creating the state memfd",
+            source,
+        })?;
         // The previous state memfd (if any) was read already; replace it by an empty one, so
         // that a crash of this generation never hands the old state to the next one.
         Store.discard(STATE_FD);
         Store.keep(STATE_FD, memfd.as_fd());
-        registry.attach_keeper(std::sync::Arc::new(Store));
-        Ok(SystemdStore { memfd })
+        registry.attach_keeper(Arc::new(Store));
+        Ok(Systemd { launcher, memfd })
     }
 
-    /// After `READY=1`: answers the initiator of the restart that started this process, and
-    /// drops store entries that this generation did not take.
-    pub(crate) async fn after_ready(&self, unclaimed: Vec<String>) {
-        if let Ok(Some(fd)) = Registry::adopt_internal(INITIATOR_FD) {
+    /// The lifecycle without a service manager, for the restart loop's unit tests.
+    #[cfg(test)]
+    pub(crate) fn detached(launcher: L) -> Systemd<L> {
+        let memfd = crate::state::create_memfd().expect("memfd");
+        Systemd { launcher, memfd }
+    }
+}
+
+impl<L: Launcher> Transport for Systemd<L> {
+    const KIND: LifecycleKind = LifecycleKind::Systemd;
+    const RESTARTS_ON_SIGTERM: bool = true;
+
+    /// Answers the initiator of the restart that started this process.
+    async fn after_ready(&mut self) {
+        if let Ok(Some(fd)) = inherit::take(INITIATOR_FD) {
             Store.discard(INITIATOR_FD);
             answer_stored_initiator(fd).await;
         }
-        // The initiator was answered above; the state entry in the store is already this
-        // generation's new memfd.
-        for name in unclaimed.into_iter().filter(|n| n != INITIATOR_FD) {
-            if name != STATE_FD {
-                tracing::info!(
-                    name,
-                    "dropping a stored descriptor this generation did not take"
-                );
-                Store.discard(&name);
-            }
-            let _ = Registry::adopt_internal(&name);
+    }
+
+    /// Drops a store entry this generation did not take (the state entry in the store is
+    /// already this generation's new memfd).
+    fn release(&mut self, name: &str) {
+        if name != STATE_FD {
+            Store.discard(name);
         }
     }
 
-    /// One restart in the systemd lifecycle. `validate` is true for a control-socket or
-    /// restart-signal trigger (B6), false for SIGTERM (systemd is stopping us anyway).
-    pub(crate) async fn restart(
+    /// A requested restart (control socket, restart signal) is validated first (B6); a stop
+    /// (SIGTERM) only writes the state, since systemd is stopping us anyway.
+    async fn restart(
         &mut self,
         ctx: &mut Context,
-        validate: bool,
+        trigger: Trigger,
     ) -> Result<Handover, RestartError> {
+        let validate = trigger == Trigger::Request;
         ctx.handler.pre_new_process().await;
         if !validate {
             notify(&[NotifyState::Stopping]);
@@ -139,42 +124,44 @@ impl SystemdStore {
             self.discard_state();
             if validate {
                 ctx.handler.new_process_failed().await;
-                return Err(RestartError::StateSend(why));
+                return Err(RestartError::StateSend(Arc::new(why)));
             }
             tracing::error!("stopping without state: {why}");
         }
         if !validate {
-            return Ok(Handover {
-                new_pid: None,
-                exit_code: 0,
-            });
+            return Ok(Handover::new(None, 0));
         }
-        if let Err(e) = self.validate(ctx).await {
+        if let Err(e) = self.validate(ctx.config.startup_timeout).await {
             self.discard_state();
             ctx.handler.new_process_failed().await;
             return Err(e);
         }
         notify(&[NotifyState::Stopping]);
-        Ok(Handover {
-            new_pid: None,
-            exit_code: ctx.config.systemd_restart_exit_code,
-        })
+        Ok(Handover::new(None, ctx.config.systemd_restart_exit_code))
     }
 
+    /// A control-socket initiator waits in the store for the new generation's answer.
+    async fn answer(&mut self, initiator: Initiator, handover: Handover) {
+        match initiator {
+            Initiator::Socket(socket) => store_initiator(socket),
+            other => other.respond(Ok(handover.new_pid())).await,
+        }
+    }
+}
+
+impl<L: Launcher> Systemd<L> {
     fn discard_state(&mut self) {
         if let Err(e) = self.memfd.set_len(0) {
             tracing::error!("cannot discard the state: {e}");
         }
     }
 
-    async fn write_state(&mut self, ctx: &mut Context) -> Result<(), String> {
-        self.memfd.set_len(0).map_err(|e| e.to_string())?;
-        self.memfd
-            .seek(SeekFrom::Start(0))
-            .map_err(|e| e.to_string())?;
-        let file = self.memfd.try_clone().map_err(|e| e.to_string())?;
+    async fn write_state(&mut self, ctx: &mut Context) -> std::io::Result<()> {
+        self.memfd.set_len(0)?;
+        self.memfd.seek(SeekFrom::Start(0))?;
+        let file = self.memfd.try_clone()?;
         let sink = tokio::fs::File::from_std(file);
-        let send = send_state(&mut *ctx.handler, sink, crate::inherit::generation());
+        let send = send_state(&mut *ctx.handler, sink, inherit::generation());
         tokio::pin!(send);
         let mut tick = tokio::time::interval(EXTEND_EVERY);
         let extend = format!("EXTEND_TIMEOUT_USEC={}", EXTEND_BY.as_micros());
@@ -187,29 +174,32 @@ impl SystemdStore {
     }
 
     /// Runs the new executable against the written state; Ok when it accepted it.
-    async fn validate(&mut self, ctx: &mut Context) -> Result<(), RestartError> {
-        let copy = reopen_readonly(self.memfd.as_fd()).map_err(RestartError::Io)?;
-        let mut successor = Successor::start(
-            &ctx.spawner,
-            ctx.program.clone(),
-            &ctx.config.environment,
-            &ctx.config.registry,
-            vec![(STATE_FD.to_owned(), copy)],
-            Mode::Validate,
-        )
-        .await
-        .map_err(RestartError::Spawn)?;
-        let pid = successor.pid.as_raw() as u32;
-        let verdict = successor.wait_ready(ctx.config.startup_timeout).await;
-        let _ = successor.kill_and_reap().await;
-        verdict.map_err(|why| {
-            RestartError::Rejected(RestartError::from_not_ready(pid, why).to_string())
-        })
+    async fn validate(&mut self, timeout: Duration) -> Result<(), RestartError> {
+        let copy = reopen_readonly(self.memfd.as_fd())
+            .map_err(|e| RestartError::os("reopening the state for the validation run", e))?;
+        let mut run = self
+            .launcher
+            .launch(Mode::Validate, vec![(STATE_FD.to_owned(), copy)])
+            .await
+            .map_err(|e| RestartError::Spawn(Arc::new(e)))?;
+        let pid = run.pid();
+        // The timeout is the start-up timeout of a real start: the run reads the whole state.
+        let verdict = run.wait_ready(timeout).await;
+        let _ = run.kill_and_reap().await;
+        verdict.map_err(|failure| RestartError::Rejected { pid, failure })
     }
 }
 
+/// Makes `fd` a readable descriptor of its own (a new open file description with its own
+/// offset), for handing a memfd to a validation run without sharing our write offset.
+fn reopen_readonly(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let f = std::fs::OpenOptions::new().read(true).open(path)?;
+    Ok(f.into())
+}
+
 /// Keeps the initiator's connection in the store, for the new generation to answer.
-pub(crate) fn store_initiator(socket: RestartCoordinationSocket) {
+fn store_initiator(socket: RestartCoordinationSocket) {
     let stream = socket.into_inner();
     match stream.into_std() {
         Ok(s) => {
@@ -228,6 +218,6 @@ async fn answer_stored_initiator(fd: OwnedFd) {
     let Ok(stream) = tokio::net::UnixStream::from_std(std) else {
         return;
     };
-    let initiator = crate::control::Initiator::Socket(RestartCoordinationSocket::new(stream));
+    let initiator = Initiator::Socket(RestartCoordinationSocket::new(stream));
     initiator.respond(Ok(Some(std::process::id()))).await;
 }

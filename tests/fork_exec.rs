@@ -107,7 +107,8 @@ fn restart_by_signal_control_socket_library_client_and_handle() {
         .expect("no answer from the control socket")
         .expect("status");
     assert_eq!((status.pid, status.generation), (g3.pid, 3), "{status:?}");
-    assert_eq!(status.lifecycle, "fork-exec");
+    assert_eq!(status.lifecycle, shellflip::LifecycleKind::ForkExec);
+    assert_eq!(status.lifecycle.to_string(), "fork-exec");
 
     // The in-app handle: POST /restart answers with the new PID.
     let r = http(s.http, "POST", "/restart").expect("POST /restart");

@@ -1,0 +1,83 @@
+//! The restart's settings.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::signal::unix::SignalKind;
+
+use crate::lifecycle::{LifecycleHandler, NullLifecycleHandler};
+use crate::registry::Registry;
+
+/// Settings for restarts. Build it with struct update syntax over `Default`:
+///
+/// ```
+/// use shellflip::RestartConfig;
+/// use std::time::Duration;
+///
+/// let config = RestartConfig {
+///     enabled: true,
+///     coordination_socket_path: "/run/my-service.sock".into(),
+///     startup_timeout: Duration::from_secs(10),
+///     ..Default::default()
+/// };
+/// ```
+pub struct RestartConfig {
+    /// Enables the control socket at [`coordination_socket_path`](Self::coordination_socket_path).
+    pub enabled: bool,
+    /// Where the control socket is bound (in the first generation; later ones inherit it).
+    pub coordination_socket_path: PathBuf,
+    /// Mode of the control socket file (default `0o600`).
+    pub socket_mode: u32,
+    /// Users besides this process's own and root allowed on the control socket.
+    pub allowed_uids: Vec<u32>,
+    /// Extra environment variables for the new process.
+    pub environment: Vec<(OsString, OsString)>,
+    /// Hooks and the state writer.
+    pub lifecycle_handler: Box<dyn LifecycleHandler>,
+    /// When true, a failed restart resolves the restart task with the error instead of
+    /// carrying on (default false: the old process keeps serving).
+    pub exit_on_error: bool,
+    /// The signal that triggers a restart (default SIGUSR1).
+    pub restart_signal: SignalKind,
+    /// How long a new process has to become ready before it is killed (default 60 s).
+    pub startup_timeout: Duration,
+    /// The program to start; by default the path this process was started from, made absolute
+    /// at start-up (so a binary replaced on disk is the one that starts).
+    pub executable: Option<PathBuf>,
+    /// The named descriptors that cross to the next generation.
+    pub registry: Registry,
+    /// Systemd lifecycle: the exit status of a restart asked for on the control socket or by the
+    /// restart signal; list it in the unit's `RestartForceExitStatus=` (default 75).
+    pub systemd_restart_exit_code: i32,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            enabled: false,
+            coordination_socket_path: PathBuf::new(),
+            socket_mode: 0o600,
+            allowed_uids: Vec::new(),
+            environment: Vec::new(),
+            lifecycle_handler: Box::new(NullLifecycleHandler),
+            exit_on_error: false,
+            restart_signal: SignalKind::user_defined1(),
+            startup_timeout: Duration::from_secs(60),
+            executable: None,
+            registry: Registry::new(),
+            systemd_restart_exit_code: 75,
+        }
+    }
+}
+
+impl std::fmt::Debug for RestartConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestartConfig")
+            .field("enabled", &self.enabled)
+            .field("coordination_socket_path", &self.coordination_socket_path)
+            .field("startup_timeout", &self.startup_timeout)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}

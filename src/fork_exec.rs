@@ -1,0 +1,143 @@
+//! The fork/exec lifecycle: the old process starts its successor, streams its state to it, and
+//! waits until it is ready. If anything fails, the successor is killed and reaped and the old
+//! process carries on as if nothing happened: its listeners were never closed.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use sd_notify::NotifyState;
+
+use crate::control::LifecycleKind;
+use crate::inherit::{self, Mode, STATE_FD};
+use crate::lifecycle::send_state;
+use crate::notify::notify;
+use crate::outcome::{Handover, RestartError, SuccessorFailure};
+use crate::successor::{Child, Launcher};
+use crate::transport::{Context, Transport, Trigger};
+
+/// The state pipe's capacity: one chunk of the state framing.
+const STATE_PIPE_SIZE: libc::c_int = 1024 * 1024;
+
+/// How long a successor that stopped reading the state has to report why.
+const REPORT_WAIT: Duration = Duration::from_secs(2);
+
+/// The fork/exec lifecycle, starting successors with `L`.
+pub(crate) struct ForkExec<L> {
+    launcher: L,
+}
+
+impl<L: Launcher> ForkExec<L> {
+    pub(crate) fn new(launcher: L) -> ForkExec<L> {
+        ForkExec { launcher }
+    }
+}
+
+impl<L: Launcher> Transport for ForkExec<L> {
+    const KIND: LifecycleKind = LifecycleKind::ForkExec;
+    const RESTARTS_ON_SIGTERM: bool = false;
+
+    async fn after_ready(&mut self) {}
+
+    fn release(&mut self, _name: &str) {}
+
+    async fn restart(
+        &mut self,
+        ctx: &mut Context,
+        _trigger: Trigger,
+    ) -> Result<Handover, RestartError> {
+        ctx.handler.pre_new_process().await;
+        let result = self.start_and_confirm(ctx, Instant::now()).await;
+        if result.is_err() {
+            ctx.handler.new_process_failed().await;
+        }
+        result
+    }
+}
+
+impl<L: Launcher> ForkExec<L> {
+    async fn start_and_confirm(
+        &mut self,
+        ctx: &mut Context,
+        started: Instant,
+    ) -> Result<Handover, RestartError> {
+        let timeout = ctx.config.startup_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Tokio makes our end non-blocking; the successor's end is its own open file description.
+        let (state_r, state_w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| RestartError::os("creating the state pipe", e))?;
+        // A larger pipe means fewer wake-ups per MiB of state (best effort: the system's
+        // pipe-max-size may refuse it, and then the default is as correct, only slower).
+        let _ = nix::fcntl::fcntl(
+            &state_w,
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(STATE_PIPE_SIZE),
+        );
+        let mut successor = self
+            .launcher
+            .launch(Mode::Serve, vec![(STATE_FD.to_owned(), state_r)])
+            .await
+            .map_err(|e| RestartError::Spawn(Arc::new(e)))?;
+        let pid = successor.pid();
+        tracing::info!(pid, elapsed = ?started.elapsed(), "restart: successor spawned");
+        let failed = |failure| RestartError::Successor { pid, failure };
+
+        let sink = tokio::net::unix::pipe::Sender::from_owned_fd(state_w)
+            .map_err(|e| RestartError::os("registering the state pipe", e))?;
+        let sent = tokio::select! {
+            r = send_state(&mut *ctx.handler, sink, inherit::generation()) => r,
+            _ = tokio::time::sleep_until(deadline) => {
+                successor.kill_and_reap().await;
+                return Err(failed(SuccessorFailure::NotReady(timeout)));
+            }
+        };
+        if let Err(failure) = sent {
+            if failure.reader_gone {
+                // The successor closed its end: most likely it failed or exited, and its own
+                // report (a reason, an exit status, a signal) says why better than EPIPE.
+                match successor.wait_ready(REPORT_WAIT).await {
+                    Err(
+                        why @ (SuccessorFailure::Exited(_) | SuccessorFailure::Reported { .. }),
+                    ) => {
+                        return Err(failed(why));
+                    }
+                    // It declared itself ready without reading the whole state (it closes an
+                    // unread state at readiness): its choice, and it may be serving already.
+                    Ok(()) => {
+                        tracing::warn!(
+                            pid,
+                            "restart: the successor is ready without reading the whole state"
+                        );
+                        return Ok(succeeded(successor, started));
+                    }
+                    Err(_) => {}
+                }
+            }
+            let status = successor.kill_and_reap().await;
+            tracing::warn!(
+                pid,
+                "restart: sending the state failed ({}); successor {status}",
+                failure.why
+            );
+            return Err(RestartError::StateSend(Arc::new(failure.why)));
+        }
+        tracing::info!(pid, elapsed = ?started.elapsed(), "restart: state sent");
+
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match successor.wait_ready(remaining).await {
+            Ok(()) => Ok(succeeded(successor, started)),
+            // Report the whole start-up timeout, not what was left of it.
+            Err(SuccessorFailure::NotReady(_)) => Err(failed(SuccessorFailure::NotReady(timeout))),
+            Err(other) => Err(failed(other)),
+        }
+    }
+}
+
+/// The successor is ready: it is systemd's main process now, and reaped whenever it exits.
+fn succeeded(successor: impl Child, started: Instant) -> Handover {
+    let pid = successor.pid();
+    tracing::info!(pid, elapsed = ?started.elapsed(), "restart: successor ready");
+    notify(&[NotifyState::MainPid(pid)]);
+    successor.reap_in_background();
+    Handover::new(Some(pid), 0)
+}

@@ -1,0 +1,64 @@
+//! The seam between the restart loop and a lifecycle.
+//!
+//! Both lifecycles do the same thing in the same order; only where the descriptors and the
+//! state travel differs. The loop (`restart.rs`) owns the order — wait until ready, release what
+//! was not taken, run one restart at a time, answer, finish — and asks a [`Transport`] for the
+//! steps that differ. It never names a lifecycle. The two transports are
+//! `fork_exec::ForkExec` and `systemd::Systemd`.
+
+use std::future::Future;
+
+use crate::config::RestartConfig;
+use crate::control::{Initiator, LifecycleKind};
+use crate::lifecycle::LifecycleHandler;
+use crate::outcome::{Handover, RestartError};
+
+/// What one restart needs from the application, owned by the loop.
+pub(crate) struct Context {
+    pub(crate) config: RestartConfig,
+    pub(crate) handler: Box<dyn LifecycleHandler>,
+}
+
+/// Why this restart runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trigger {
+    /// Someone asked for it (the restart signal, the control socket, a handle): it may be
+    /// refused, and the old process keeps serving when it fails.
+    Request,
+    /// The service manager is stopping this process (SIGTERM under systemd): it cannot be
+    /// refused, only prepared for.
+    Stop,
+}
+
+/// How a lifecycle hands a generation over to the next.
+pub(crate) trait Transport: Send + 'static {
+    /// How the status report names the lifecycle.
+    const KIND: LifecycleKind;
+
+    /// Whether SIGTERM is a [`Trigger::Stop`] (systemd stops us and starts the next
+    /// generation) rather than the application's business.
+    const RESTARTS_ON_SIGTERM: bool;
+
+    /// Once this generation declared itself ready: whatever the lifecycle finishes then (the
+    /// systemd lifecycle answers the initiator of the restart that started this process).
+    fn after_ready(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Lets go of an inherited descriptor this generation did not take (the loop closes it).
+    fn release(&mut self, name: &str);
+
+    /// One restart, from the hooks to a confirmed successor (or the reason there is none).
+    fn restart(
+        &mut self,
+        ctx: &mut Context,
+        trigger: Trigger,
+    ) -> impl Future<Output = Result<Handover, RestartError>> + Send;
+
+    /// Tells the initiator of a successful restart.
+    fn answer(
+        &mut self,
+        initiator: Initiator,
+        handover: Handover,
+    ) -> impl Future<Output = ()> + Send {
+        initiator.respond(Ok(handover.new_pid()))
+    }
+}
