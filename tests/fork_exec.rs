@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
@@ -20,10 +20,6 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-
-/// `O_NONBLOCK` and `O_CLOEXEC` in `/proc/PID/fdinfo/N`'s `flags:`.
-const O_NONBLOCK: u32 = 0o4000;
-const O_CLOEXEC: u32 = 0o2000000;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -670,14 +666,7 @@ fn library_variables_do_not_reach_child_programs() {
 fn restart_while_the_previous_generation_still_drains() {
     let s = Service::start("drain_secs = 30\n");
     let g0 = s.hello();
-    let stream = std::net::TcpStream::connect_timeout(&s.echo, Duration::from_secs(10))
-        .expect("echo connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut echo = BufReader::new(stream);
-    let mut line = String::new();
-    echo.read_line(&mut line).expect("echo greeting");
+    let (mut echo, mut line) = echo_client(s.echo);
     assert_eq!(line, format!("generation=0 pid={}\n", g0.pid));
 
     let g1 = s.restart();
@@ -701,14 +690,7 @@ fn restart_while_the_previous_generation_still_drains() {
         assert_eq!(line, format!("{word}\n"));
     }
     // A new echo client reaches generation 2.
-    let stream = std::net::TcpStream::connect_timeout(&s.echo, Duration::from_secs(10))
-        .expect("echo connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut fresh = BufReader::new(stream);
-    line.clear();
-    fresh.read_line(&mut line).expect("echo greeting");
+    let (_fresh, line) = echo_client(s.echo);
     assert_eq!(line, format!("generation=2 pid={}\n", g2.pid));
 }
 
@@ -800,10 +782,7 @@ fn shellflip_cli_restarts_reports_and_rejects_bad_arguments() {
 
 #[test]
 fn malformed_shellflip_fds_fails_cleanly_at_start() {
-    let dir = tempfile::Builder::new()
-        .prefix("shellflip-test-")
-        .tempdir()
-        .expect("tempdir");
+    let dir = test_dir();
     let (http_addr, echo_addr) = free_addrs();
     let mut cmd = Command::new(restarter());
     cmd.arg("--http")

@@ -6,12 +6,18 @@
 //! `harness = false`: a plain `main`, so that the successor, started with the same arguments,
 //! runs this same code and nothing else.
 
+mod common;
+
 use std::io::{Read, Seek, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::{O_CLOEXEC, O_NONBLOCK, fd_flags, proc_stat};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use shellflip::{Origin, Registry, RegistryError, RestartConfig};
 
 const REPORT: &str = "child-report.txt";
@@ -138,16 +144,11 @@ async fn child() {
         ("udp", udp.as_raw_fd()),
         ("unix", unix.as_raw_fd()),
     ] {
-        let flags = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
-        let flags = flags
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
-            .unwrap();
-        if flags & libc::O_NONBLOCK as u32 == 0 {
+        let flags = fd_flags(std::process::id(), fd).expect("fdinfo");
+        if flags & O_NONBLOCK == 0 {
             problems.push(format!("{name} is blocking"));
         }
-        if flags & libc::O_CLOEXEC as u32 == 0 {
+        if flags & O_CLOEXEC == 0 {
             problems.push(format!("{name} is not close-on-exec"));
         }
     }
@@ -188,11 +189,9 @@ fn write_file(path: &Path, text: &str) {
 }
 
 fn memfd() -> std::fs::File {
-    // SAFETY: memfd_create with a valid C string and flags; returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: memfd_create just returned this descriptor; we own it.
-    unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    let fd = memfd_create(c"test", MFdFlags::MFD_CLOEXEC)
+        .unwrap_or_else(|e| panic!("memfd_create: {e}"));
+    std::fs::File::from(fd)
 }
 
 struct KillOnDrop(u32);
@@ -200,14 +199,8 @@ struct KillOnDrop(u32);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         // Only while it is still our child (not exited, reaped and its PID reused).
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).unwrap_or_default();
-        let ppid = stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().nth(1));
-        if ppid == Some(&std::process::id().to_string()) {
-            // SAFETY: kill with a PID this test started and a valid signal number.
-            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        if proc_stat(self.0).is_some_and(|(_, ppid)| ppid == std::process::id()) {
+            let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
         }
     }
 }

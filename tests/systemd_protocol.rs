@@ -5,18 +5,26 @@
 //! This is the fast protocol test; `scripts/systemd-test.sh` checks the same under a real
 //! systemd.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, IoSliceMut, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, IoSliceMut, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
 
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+use common::{
+    ChildGuard, DEADLINE, PROTOCOL_VARS, echo_client, free_addrs, http, poll_until, restarter,
+    shellflip_at, signal, test_dir,
+};
+use nix::fcntl::{FcntlArg, fcntl};
+use nix::sys::signal::Signal;
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
 
 /// A stand-in for systemd: its notify socket and its file descriptor store.
 struct FakeSystemd {
@@ -84,19 +92,16 @@ impl FakeSystemd {
 
     /// Receives until a message contains `what`, or panics after `limit`.
     fn wait_for(&mut self, what: &str, limit: Duration, log: &Path) -> String {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(m) = self.receive() {
-                if m.lines().any(|l| l == what) {
-                    return m;
-                }
-            }
-        }
-        panic!(
-            "no {what} within {limit:?}; messages: {:?}\nlog:\n{}",
-            self.messages,
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
+        poll_until(limit, || {
+            self.receive().filter(|m| m.lines().any(|l| l == what))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no {what} within {limit:?}; messages: {:?}\nlog:\n{}",
+                self.messages,
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })
     }
 
     /// Drains what is queued now.
@@ -105,31 +110,21 @@ impl FakeSystemd {
     }
 }
 
-fn example() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/restarter")
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Service {
-    child: Child,
+/// One generation of the service, killed and reaped when dropped.
+struct Generation {
+    child: ChildGuard,
     log: PathBuf,
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Generation {
+    /// Waits for it to exit, or panics with its log after `limit`.
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        self.child.wait_timeout(limit).unwrap_or_else(|| {
+            panic!(
+                "did not exit within {limit:?}:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        })
     }
 }
 
@@ -143,13 +138,14 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
+        let (http, echo) = free_addrs();
         let socket = dir.path().join("control.sock");
         let config = dir.path().join("restarter.toml");
         std::fs::write(&config, "greeting = \"fake systemd\"\n").unwrap();
         Setup {
-            http: free_addr(),
-            echo: free_addr(),
+            http,
+            echo,
             socket,
             config,
             dir,
@@ -158,101 +154,70 @@ impl Setup {
 
     /// Starts a generation the way systemd does: the store's descriptors at 3.., described in
     /// LISTEN_FDS/LISTEN_FDNAMES, LISTEN_PID set to the new process's PID.
-    fn start(&self, systemd: &FakeSystemd, n: usize) -> Service {
+    fn start(&self, systemd: &FakeSystemd, n: usize) -> Generation {
         let log = self.dir.path().join(format!("gen{n}.log"));
-        let names: Vec<&String> = systemd.store.keys().collect();
-        let raw: Vec<RawFd> = systemd.store.values().map(|f| f.as_raw_fd()).collect();
+        let names: Vec<&str> = systemd.store.keys().map(String::as_str).collect();
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
             // $$ is the shell's PID, which exec keeps: the PID of the service.
             .arg("LISTEN_PID=$$ exec \"$@\"")
             .arg("sh")
-            .arg(example())
+            .arg(restarter())
             .args(["--systemd", "--http", &self.http.to_string()])
             .args(["--echo", &self.echo.to_string()])
             .arg("--socket")
             .arg(&self.socket)
             .arg("--config")
-            .arg(&self.config)
-            .env("NOTIFY_SOCKET", &systemd.path)
+            .arg(&self.config);
+        for var in PROTOCOL_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.env("NOTIFY_SOCKET", &systemd.path)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        if !raw.is_empty() {
-            cmd.env("LISTEN_FDS", raw.len().to_string()).env(
-                "LISTEN_FDNAMES",
-                names
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(":"),
-            );
+        if !names.is_empty() {
+            cmd.env("LISTEN_FDS", names.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
         }
-        // Place the descriptors at 3.. in the child: first above the range, then down.
-        let high_base = 3 + raw.len() as RawFd + 64;
-        // SAFETY: between fork and exec only dup2 and fcntl, which are async-signal-safe.
+        // The child gets the descriptors at 3..: copies above that range first (close-on-exec,
+        // closed here once it started), then each copy onto its place in the child.
+        let above = 3 + names.len() as RawFd;
+        let copies: Vec<OwnedFd> = systemd
+            .store
+            .values()
+            .map(|fd| {
+                let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(above)).expect("F_DUPFD_CLOEXEC");
+                // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it.
+                unsafe { OwnedFd::from_raw_fd(raw) }
+            })
+            .collect();
+        let raw: Vec<RawFd> = copies.iter().map(AsRawFd::as_raw_fd).collect();
+        // SAFETY: between fork and exec only dup2, which is async-signal-safe, on descriptors
+        // that `copies` keeps open until `spawn` returns. It stays `libc`: nix 0.32's `dup2`
+        // wants an `OwnedFd` as its target and `dup2_raw` does not report a failure.
         unsafe {
             cmd.pre_exec(move || {
                 for (i, fd) in raw.iter().enumerate() {
-                    if libc::dup2(*fd, high_base + i as RawFd) < 0 {
+                    // dup2 clears close-on-exec on the target: only these reach the service.
+                    if libc::dup2(*fd, 3 + i as RawFd) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                }
-                for i in 0..raw.len() {
-                    if libc::dup2(high_base + i as RawFd, 3 + i as RawFd) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(high_base + i as RawFd);
                 }
                 Ok(())
             });
         }
-        Service {
-            child: cmd.spawn().unwrap(),
-            log,
-        }
+        let child = ChildGuard::spawn(&mut cmd);
+        drop(copies);
+        Generation { child, log }
     }
 }
 
+/// The last line of `GET /`'s answer.
 fn get(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.lines().last().unwrap_or_default().to_string()
+    let r = http(addr, "GET", "/").expect("GET /");
+    r.body.lines().last().unwrap_or_default().to_string()
 }
-
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shellflip"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn wait_exit(service: &mut Service, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = service.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "did not exit within {limit:?}:\n{}",
-            std::fs::read_to_string(&service.log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-const LIMIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn store_restart_validation_and_torn_state() {
@@ -261,7 +226,7 @@ fn store_restart_validation_and_torn_state() {
 
     // Generation 0: binds, stores its listeners, the control socket and a state memfd, READY=1.
     let mut gen0 = setup.start(&systemd, 0);
-    systemd.wait_for("READY=1", LIMIT, &gen0.log);
+    systemd.wait_for("READY=1", DEADLINE, &gen0.log);
     for name in ["http", "echo", "shellflip.control", "shellflip.state"] {
         assert!(
             systemd.store.contains_key(name),
@@ -272,21 +237,14 @@ fn store_restart_validation_and_torn_state() {
     assert!(get(setup.http).starts_with("generation=0 "));
 
     // An echo client, connected before the restart.
-    let echo = TcpStream::connect(setup.echo).unwrap();
-    echo.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut echo_in = BufReader::new(echo.try_clone().unwrap());
-    let mut echo_out = echo;
-    let mut line = String::new();
-    echo_in.read_line(&mut line).unwrap();
+    let (mut echo, mut line) = echo_client(setup.echo);
     assert!(line.starts_with("generation=0 "), "{line}");
 
     // SIGTERM (systemctl restart): STOPPING=1, the state committed in the memfd, the echo
     // client put in the store, exit 0.
-    // SAFETY: kill with the PID of a child this test started.
-    unsafe { libc::kill(gen0.child.id() as i32, libc::SIGTERM) };
-    systemd.wait_for("STOPPING=1", LIMIT, &gen0.log);
-    let status = wait_exit(&mut gen0, LIMIT);
+    signal(gen0.child.id(), Signal::SIGTERM);
+    systemd.wait_for("STOPPING=1", DEADLINE, &gen0.log);
+    let status = gen0.wait_exit(DEADLINE);
     systemd.drain();
     assert_eq!(status.code(), Some(0));
     let state = std::fs::File::from(systemd.store["shellflip.state"].try_clone().unwrap());
@@ -308,25 +266,24 @@ fn store_restart_validation_and_torn_state() {
     );
 
     // A line sent while nobody serves waits in the kernel for the next generation.
-    echo_out.write_all(b"across the gap\n").unwrap();
+    echo.get_mut().write_all(b"across the gap\n").unwrap();
 
     // Generation 1, started from the store.
-    let gen1 = setup.start(&systemd, 1);
-    systemd.wait_for("READY=1", LIMIT, &gen1.log);
+    let mut gen1 = setup.start(&systemd, 1);
+    systemd.wait_for("READY=1", DEADLINE, &gen1.log);
     assert!(
         get(setup.http).starts_with("generation=1 "),
         "{}",
         get(setup.http)
     );
     line.clear();
-    echo_in.read_line(&mut line).unwrap();
+    echo.read_line(&mut line).unwrap();
     assert_eq!(line, "across the gap\n");
-    echo_out.write_all(b"still here\n").unwrap();
+    echo.get_mut().write_all(b"still here\n").unwrap();
     line.clear();
-    echo_in.read_line(&mut line).unwrap();
+    echo.read_line(&mut line).unwrap();
     assert_eq!(line, "still here\n");
-    let socket = setup.socket.to_str().unwrap();
-    let (_, status) = cli(&["status", "--socket", socket]);
+    let status = shellflip_at(&setup.socket, &["status"]).all();
     assert!(status.contains("lifecycle: systemd"), "{status}");
     assert!(status.contains("received from generation 0"), "{status}");
 
@@ -341,10 +298,11 @@ fn store_restart_validation_and_torn_state() {
     systemd.drain();
     let stopped_before = stopping(&systemd);
     std::fs::write(&setup.config, "state_format = 2\n").unwrap();
-    let (ok, out) = cli(&["restart", "--socket", socket, "--timeout", "30"]);
-    assert!(!ok, "the restart must fail: {out}");
-    assert!(out.contains("rejected the state"), "{out}");
-    assert!(out.contains("state format 1"), "{out}");
+    let out = shellflip_at(&setup.socket, &["restart", "--timeout", "30"]);
+    let text = out.all();
+    assert!(!out.status.success(), "the restart must fail: {text}");
+    assert!(text.contains("rejected the state"), "{text}");
+    assert!(text.contains("state format 1"), "{text}");
     assert!(get(setup.http).starts_with("generation=1 "));
     systemd.drain();
     assert_eq!(
@@ -357,11 +315,10 @@ fn store_restart_validation_and_torn_state() {
     // store and is answered by the next generation with its PID.
     std::fs::write(&setup.config, "greeting = \"second\"\n").unwrap();
     let initiator = std::thread::spawn({
-        let socket = socket.to_string();
-        move || cli(&["restart", "--socket", &socket, "--timeout", "30"])
+        let socket = setup.socket.clone();
+        move || shellflip_at(&socket, &["restart", "--timeout", "30"])
     });
-    let mut gen1 = gen1;
-    let status = wait_exit(&mut gen1, LIMIT);
+    let status = gen1.wait_exit(DEADLINE);
     assert_eq!(
         status.code(),
         Some(75),
@@ -370,11 +327,12 @@ fn store_restart_validation_and_torn_state() {
     );
     systemd.drain();
     assert!(systemd.store.contains_key("shellflip.initiator"));
-    let gen2 = setup.start(&systemd, 2);
-    systemd.wait_for("READY=1", LIMIT, &gen2.log);
-    let (ok, out) = initiator.join().unwrap();
-    assert!(ok, "{out}");
-    assert_eq!(out.trim(), gen2.child.id().to_string());
+    let mut gen2 = setup.start(&systemd, 2);
+    systemd.wait_for("READY=1", DEADLINE, &gen2.log);
+    let out = initiator.join().unwrap();
+    let text = out.all();
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.trim(), gen2.child.id().to_string());
     assert_eq!(
         get(setup.http),
         format!("generation=2 pid={} greeting=second", gen2.child.id())
@@ -386,16 +344,14 @@ fn store_restart_validation_and_torn_state() {
     );
 
     // A torn state (the writer killed midway): the next generation starts fresh and says so.
-    let mut gen2 = gen2;
-    let _ = gen2.child.kill();
-    let _ = gen2.child.wait();
+    gen2.child.kill_and_reap();
     let torn = std::fs::File::from(systemd.store["shellflip.state"].try_clone().unwrap());
     torn.set_len(0).unwrap();
     torn.write_all_at(&bytes[..bytes.len() / 2], 0).unwrap();
     let gen3 = setup.start(&systemd, 3);
-    systemd.wait_for("READY=1", LIMIT, &gen3.log);
+    systemd.wait_for("READY=1", DEADLINE, &gen3.log);
     assert!(get(setup.http).starts_with("generation=0 "));
-    let (_, status) = cli(&["status", "--socket", socket]);
+    let status = shellflip_at(&setup.socket, &["status"]).all();
     assert!(status.contains("torn"), "{status}");
     drop(gen3);
 }
@@ -407,16 +363,11 @@ fn dead_stored_connections_are_dropped_and_start_up_goes_on() {
     let setup = Setup::new();
     let mut systemd = FakeSystemd::new(setup.dir.path());
     let mut gen0 = setup.start(&systemd, 0);
-    systemd.wait_for("READY=1", LIMIT, &gen0.log);
+    systemd.wait_for("READY=1", DEADLINE, &gen0.log);
 
     // Three echo clients: one will reset, one will close normally, one stays.
     let connect = || {
-        let s = TcpStream::connect(setup.echo).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut greeting = String::new();
-        BufReader::new(s.try_clone().unwrap())
-            .read_line(&mut greeting)
-            .unwrap();
+        let (s, greeting) = echo_client(setup.echo);
         assert!(greeting.starts_with("generation=0 "), "{greeting}");
         s
     };
@@ -424,33 +375,33 @@ fn dead_stored_connections_are_dropped_and_start_up_goes_on() {
     let closed = connect();
     let mut stays = connect();
 
-    // SAFETY: kill with the PID of a child this test started.
-    unsafe { libc::kill(gen0.child.id() as i32, libc::SIGTERM) };
-    assert_eq!(wait_exit(&mut gen0, LIMIT).code(), Some(0));
+    signal(gen0.child.id(), Signal::SIGTERM);
+    assert_eq!(gen0.wait_exit(DEADLINE).code(), Some(0));
     systemd.drain();
     let kept = |s: &FakeSystemd| s.store.keys().filter(|k| k.starts_with("echo.")).count();
     assert_eq!(kept(&systemd), 3, "{:?}", systemd.store.keys());
 
     // While nobody serves: one client resets its connection, one closes it.
-    reset_on_close(&reset);
+    reset_on_close(reset.get_ref());
     drop(reset);
     drop(closed);
 
     let gen1 = setup.start(&systemd, 1);
-    systemd.wait_for("READY=1", LIMIT, &gen1.log);
+    systemd.wait_for("READY=1", DEADLINE, &gen1.log);
     // The one that stayed is served by the new generation.
-    stays.write_all(b"after\n").unwrap();
+    stays.get_mut().write_all(b"after\n").unwrap();
     let mut line = String::new();
-    BufReader::new(stays.try_clone().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    stays.read_line(&mut line).unwrap();
     assert_eq!(line, "after\n");
     // The two that left are gone from the store: the reset one when it was taken back, the
     // closed one once its end of file was read.
-    let start = Instant::now();
-    while kept(&systemd) != 1 && start.elapsed() < LIMIT {
+    poll_until(DEADLINE, || {
+        if kept(&systemd) == 1 {
+            return Some(());
+        }
         systemd.receive();
-    }
+        None
+    });
     assert_eq!(
         kept(&systemd),
         1,
@@ -463,19 +414,9 @@ fn dead_stored_connections_are_dropped_and_start_up_goes_on() {
 
 /// Makes `close` send a reset instead of a normal end of stream.
 fn reset_on_close(s: &TcpStream) {
-    let linger = libc::linger {
+    let linger = nix::libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt on an open socket with a pointer to a properly sized linger value.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    setsockopt(s, sockopt::Linger, &linger).expect("SO_LINGER");
 }

@@ -18,6 +18,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::OFlag;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
 /// How long a service has to come up, or a condition to become true.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 /// How long a command-line client may run.
@@ -81,6 +85,13 @@ pub fn shellflip_cli() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_shellflip"))
 }
 
+/// `shellflip <args...> --socket S`, with a deadline.
+pub fn shellflip_at(socket: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(shellflip_cli());
+    cmd.args(args).arg("--socket").arg(socket);
+    run(cmd, COMMAND_DEADLINE)
+}
+
 /// Two free ports on 127.0.0.1 (bound together, then released).
 pub fn free_addrs() -> (SocketAddr, SocketAddr) {
     let a = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -88,18 +99,31 @@ pub fn free_addrs() -> (SocketAddr, SocketAddr) {
     (a.local_addr().unwrap(), b.local_addr().unwrap())
 }
 
-/// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.
-pub fn wait_until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+/// Polls `f` until it returns `Some`; `None` when `deadline` passed first.
+pub fn poll_until<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + deadline;
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
         if Instant::now() >= end {
-            panic!("timed out waiting for {what}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.
+pub fn wait_until<T>(what: &str, deadline: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll_until(deadline, f).unwrap_or_else(|| panic!("timed out waiting for {what}"))
+}
+
+/// A temporary directory named so that [`Service::kill_all`] finds the processes started in it.
+pub fn test_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("shellflip-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,14 +149,55 @@ impl Output {
     }
 }
 
+/// A child process that is killed and reaped when dropped (a test that fails leaves nothing
+/// behind). It derefs to the [`Child`].
+pub struct ChildGuard(Child);
+
+impl ChildGuard {
+    pub fn spawn(cmd: &mut Command) -> ChildGuard {
+        ChildGuard(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}")),
+        )
+    }
+
+    /// Waits for it to exit, for at most `deadline`: `None` while it still runs.
+    pub fn wait_timeout(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        poll_until(deadline, || self.0.try_wait().expect("try_wait"))
+    }
+
+    /// Kills and reaps it (nothing when it was reaped already).
+    pub fn kill_and_reap(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for ChildGuard {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill_and_reap();
+    }
+}
+
 /// Runs `cmd` to completion, killing it and panicking after `deadline`.
 pub fn run(mut cmd: Command, deadline: Duration) -> Output {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut child = ChildGuard::spawn(&mut cmd);
     let mut out_pipe = child.stdout.take().unwrap();
     let mut err_pipe = child.stderr.take().unwrap();
     let out_t = std::thread::spawn(move || {
@@ -145,25 +210,13 @@ pub fn run(mut cmd: Command, deadline: Duration) -> Output {
         let _ = err_pipe.read_to_end(&mut s);
         s
     });
-    let end = Instant::now() + deadline;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within {deadline:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    // On the panic, the guard kills and reaps it.
+    let status = child
+        .wait_timeout(deadline)
+        .unwrap_or_else(|| panic!("{cmd:?} did not finish within {deadline:?}"));
     // The pipes may be held open by a grandchild; do not wait for them forever.
     let join = |t: std::thread::JoinHandle<Vec<u8>>| {
-        let end = Instant::now() + Duration::from_secs(5);
-        while !t.is_finished() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if t.is_finished() {
+        if poll_until(Duration::from_secs(5), || t.is_finished().then_some(())).is_some() {
             String::from_utf8_lossy(&t.join().unwrap_or_default()).into_owned()
         } else {
             String::from("<output still open>")
@@ -202,12 +255,22 @@ impl Response {
     }
 }
 
-fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+/// A TCP connection with timeouts on every operation.
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     s.set_nodelay(true)?;
     Ok(s)
+}
+
+/// A client of the echo port: the connection and the greeting it wrote first
+/// (`generation=N pid=P\n`).
+pub fn echo_client(addr: SocketAddr) -> (BufReader<TcpStream>, String) {
+    let mut echo = BufReader::new(connect(addr).expect("echo connect"));
+    let mut greeting = String::new();
+    echo.read_line(&mut greeting).expect("echo greeting");
+    (echo, greeting)
 }
 
 /// Reads one response (with a `Content-Length`, or up to end of file).
@@ -390,6 +453,10 @@ pub fn fds(pid: u32) -> Vec<(i32, String)> {
     v
 }
 
+/// `O_NONBLOCK` and `O_CLOEXEC` in the `flags:` of `/proc/PID/fdinfo/FD` ([`fd_flags`]).
+pub const O_NONBLOCK: u32 = OFlag::O_NONBLOCK.bits() as u32;
+pub const O_CLOEXEC: u32 = OFlag::O_CLOEXEC.bits() as u32;
+
 /// The `flags:` of `/proc/PID/fdinfo/FD` (octal).
 pub fn fd_flags(pid: u32, fd: i32) -> Option<u32> {
     let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
@@ -449,7 +516,7 @@ pub struct Service {
     pub socket: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
-    gen0: Child,
+    gen0: ChildGuard,
     pids: Mutex<BTreeSet<u32>>,
     // Last: removed after the processes were killed.
     pub dir: tempfile::TempDir,
@@ -466,10 +533,7 @@ impl Service {
 
     pub fn start_with(opts: Options) -> Service {
         let exe = restarter();
-        let dir = tempfile::Builder::new()
-            .prefix("shellflip-test-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = test_dir();
         let (http, echo) = free_addrs();
         let socket = dir.path().join("control.sock");
         let config = dir.path().join("restarter.toml");
@@ -499,7 +563,7 @@ impl Service {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr));
-        let gen0 = cmd.spawn().expect("start the example");
+        let gen0 = ChildGuard::spawn(&mut cmd);
         let service = Service {
             http,
             echo,
@@ -617,9 +681,7 @@ impl Service {
 
     /// `shellflip <args...> --socket S`.
     pub fn shellflip(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(shellflip_cli());
-        cmd.args(args).arg("--socket").arg(&self.socket);
-        let out = run(cmd, COMMAND_DEADLINE);
+        let out = shellflip_at(&self.socket, args);
         if out.status.success() && args == ["restart"] {
             if let Ok(pid) = out.stdout.trim().parse() {
                 self.note_pid(pid);
@@ -724,15 +786,11 @@ impl Service {
                 break;
             }
             for pid in ours {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.gen0.kill();
-        let _ = self.gen0.wait();
+        self.gen0.kill_and_reap();
     }
 }
 
@@ -750,8 +808,8 @@ impl Drop for Service {
 }
 
 /// Sends `sig` to `pid`.
-pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+pub fn signal(pid: u32, sig: Signal) {
+    nix::sys::signal::kill(Pid::from_raw(pid as i32), sig)
         .unwrap_or_else(|e| panic!("kill({pid}, {sig}): {e}"));
 }
 
