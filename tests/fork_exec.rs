@@ -746,6 +746,34 @@ fn shellflip_cli_restarts_reports_and_rejects_bad_arguments() {
     assert!(out.stdout.contains(&format!("pid: {pid}")), "{out:?}");
     assert!(out.stdout.contains("generation: 1"), "{out:?}");
 
+    // The same status as one line of JSON, with the socket given as `--socket=PATH`.
+    let mut cmd = Command::new(shellflip_cli());
+    cmd.args(["status", "--json"])
+        .arg(format!("--socket={}", s.socket.display()));
+    let out = run(cmd, COMMAND_DEADLINE);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout.lines().count(), 1, "{out:?}");
+    let status: shellflip::Status = serde_json::from_str(&out.stdout).expect("a JSON status");
+    assert_eq!((status.pid, status.generation), (pid, 1));
+
+    // --version and --help answer on stdout, exit 0, and ask nothing of the service.
+    for (args, expected) in [
+        (
+            &["--version"][..],
+            format!("shellflip {}", env!("CARGO_PKG_VERSION")),
+        ),
+        (
+            &["restart", "--help"][..],
+            "usage: shellflip restart".to_string(),
+        ),
+    ] {
+        let mut cmd = Command::new(shellflip_cli());
+        cmd.args(args);
+        let out = run(cmd, COMMAND_DEADLINE);
+        assert_eq!(out.code(), Some(0), "{args:?}: {out:?}");
+        assert!(out.stdout.contains(&expected), "{args:?}: {out:?}");
+    }
+
     s.write_config("crash_on_start = true\n");
     let out = s.shellflip(&["restart"]);
     assert_eq!(out.code(), Some(1), "{out:?}");
