@@ -360,7 +360,8 @@ pub struct Figures {
     pub failures_in_windows: u64,
     /// Requests per second.
     pub rate: f64,
-    /// Latency of successful requests (ms): p50, p99, max.
+    /// Latency of successful requests (ms, from a histogram at [`stats::SIGFIG`] significant
+    /// figures): p50, p99, max.
     pub all: [f64; 3],
     /// The same inside restart windows.
     pub windows: [f64; 3],
@@ -388,8 +389,9 @@ impl Figures {
             .iter()
             .map(|x| (x.at_us, x.done_us + WINDOW_TAIL_US))
             .collect();
-        let mut all = Vec::with_capacity(r.samples.len());
-        let mut inside = Vec::new();
+        // Latencies in µs, read back in ms.
+        let mut all = stats::histogram();
+        let mut inside = stats::histogram();
         let mut w = 0;
         for s in &r.samples {
             while w < windows.len() && windows[w].1 < s.start_us {
@@ -397,10 +399,10 @@ impl Figures {
             }
             let in_window = w < windows.len() && windows[w].0 <= s.start_us;
             if s.outcome == Outcome::Ok {
-                let ms = s.latency_us as f64 / 1e3;
-                all.push(ms);
+                let us = u64::from(s.latency_us);
+                stats::record(&mut all, us);
                 if in_window {
-                    inside.push(ms);
+                    stats::record(&mut inside, us);
                 }
             } else {
                 if let Some(i) = FAILURES.iter().position(|(o, _)| *o == s.outcome) {
@@ -411,16 +413,12 @@ impl Figures {
                 }
             }
         }
-        let three = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            [
-                stats::percentile_sorted(v, 50.0),
-                stats::percentile_sorted(v, 99.0),
-                v.last().copied().unwrap_or(f64::NAN),
-            ]
+        let three = |h| {
+            let s = Summary::from_histogram(h, 1e-3);
+            [s.median, s.p99, s.max]
         };
-        f.all = three(&mut all);
-        f.windows = three(&mut inside);
+        f.all = three(&all);
+        f.windows = three(&inside);
         for x in &r.restarts {
             match &x.result {
                 Ok(_) => {
@@ -639,7 +637,7 @@ pub async fn compare_services(
 
 /// The SVG of the first repeat of each mode: the whole run, and a close-up of its first second
 /// of restarts.
-pub fn picture(runs: &[(&'static str, Repeat)], who: &str) -> String {
+pub fn picture(runs: &[(&'static str, Repeat)], who: &str) -> std::io::Result<String> {
     let mut windows = Vec::new();
     for (_, r) in runs {
         windows.push(
@@ -674,4 +672,46 @@ pub fn picture(runs: &[(&'static str, Repeat)], who: &str) -> String {
         });
     }
     crate::svg::render(&panels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_read_latencies_in_ms() {
+        // 1 to 100 ms, one request every ms; the restart window holds those sent at 40–95 ms
+        // (a restart of 5 ms and the window's tail), and the one sent at 50 ms fails.
+        let samples = (1..=100u32)
+            .map(|i| Sample {
+                start_us: u64::from(i) * 1000,
+                latency_us: i * 1000,
+                outcome: if i == 50 { Outcome::Reset } else { Outcome::Ok },
+            })
+            .collect();
+        let r = Repeat {
+            samples,
+            restarts: vec![RestartRecord {
+                at_us: 40_000,
+                done_us: 45_000,
+                result: Ok(2),
+            }],
+            elapsed: Duration::from_millis(100),
+        };
+        let f = Figures::of(&r);
+        assert_eq!(
+            (f.requests, f.failures[1], f.failures_in_windows),
+            (100, 1, 1)
+        );
+        let close = |got: [f64; 3], want: [f64; 3]| {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() <= w * 1e-3, "{got:?} is not {want:?}");
+            }
+        };
+        // Nearest rank among the 99 answered: the 50th and the 99th.
+        close(f.all, [51.0, 100.0, 100.0]);
+        // Among the 55 answered in the window: the 28th, the 55th.
+        close(f.windows, [68.0, 95.0, 95.0]);
+        assert_eq!(f.restart_ms, [5.0]);
+    }
 }

@@ -194,7 +194,7 @@ fn main() -> ExitCode {
                 let r = load::compare(&bins, &[Flavor::Ours], o).await.map(|(series, pics)| {
                     let svg = load::picture(&pics, "shellflip 3 example service");
                     let path = env::results_dir().join("latency.svg");
-                    write_picture(&path, &svg);
+                    write_picture(&path, svg);
                     tables(&series)
                 });
                 ("load", format!("load: {}", describe(&o)), r)
@@ -227,7 +227,7 @@ fn main() -> ExitCode {
                     .map(|(series, pics)| {
                         let svg = load::picture(&pics, &label);
                         let path = env::results_dir().join(format!("{name}.svg"));
-                        write_picture(&path, &svg);
+                        write_picture(&path, svg);
                         tables(&series)
                     });
                 let name: &'static str = Box::leak(name.into_boxed_str());
@@ -356,8 +356,11 @@ fn tables(series: &[load::Series]) -> String {
 }
 
 /// Writes a picture into the results directory, saying where (or why not).
-fn write_picture(path: &std::path::Path, svg: &str) {
-    match std::fs::create_dir_all(env::results_dir()).and_then(|_| std::fs::write(path, svg)) {
+fn write_picture(path: &std::path::Path, svg: std::io::Result<String>) {
+    match svg.and_then(|svg| {
+        std::fs::create_dir_all(env::results_dir())?;
+        std::fs::write(path, svg)
+    }) {
         Ok(()) => eprintln!("picture written to {}", path.display()),
         Err(e) => eprintln!("cannot write {}: {e}", path.display()),
     }

@@ -1,32 +1,46 @@
 //! Medians, percentiles and the way figures are printed.
+//!
+//! Every percentile, minimum, maximum and mean here is read from an [`hdrhistogram`]
+//! [`Histogram`] kept at [`SIGFIG`] significant figures: a recorded value is known to within
+//! about 0.1 % of itself, so a figure read back may differ from the exact one in its fourth
+//! significant digit (maxima and percentiles round up to the top of their bucket, minima down to
+//! its bottom). Recorded integers below 2048 (up to 2 ms for microseconds) are kept exactly.
 
 use std::time::Duration;
 
-/// The `p`-th percentile (0..=100) of `v`, nearest rank; `v` need not be sorted.
-pub fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    percentile_sorted(&s, p)
+use hdrhistogram::Histogram;
+
+/// The significant figures every histogram here keeps: 3, i.e. each value is kept to within one
+/// part in a thousand of itself, whatever its size.
+pub const SIGFIG: u8 = 3;
+
+/// The step at which [`Summary::of`] records its values: a millionth of their unit (1 ns for
+/// values in milliseconds). Values at least 2048 times this are kept at [`SIGFIG`] significant
+/// figures.
+pub const RESOLUTION: f64 = 1e-6;
+
+/// An empty histogram of non-negative integers (microseconds, say) at [`SIGFIG`] significant
+/// figures; it grows to hold any value recorded with [`record`].
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new(SIGFIG).expect("3 significant figures is a valid precision")
 }
 
-/// Like [`percentile`] on an already sorted slice.
-pub fn percentile_sorted(s: &[f64], p: f64) -> f64 {
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
+/// Records `value` into `h`, which grows to hold it (unlike
+/// [`Histogram::saturating_record`], which clamps to the current range and never grows).
+pub fn record(h: &mut Histogram<u64>, value: u64) {
+    h.record(value)
+        .expect("a histogram from `histogram()` grows to hold any u64");
 }
 
-/// The median of `v`.
+/// The median of `v`, read from a histogram as in [`Summary::of`].
 pub fn median(v: &[f64]) -> f64 {
-    percentile(v, 50.0)
+    Summary::of(v).median
 }
 
-/// Summary of repeated measurements: median with min and max, p10 and p90, p99.
+/// Summary of repeated measurements: median with min and max, p10 and p90, p99, and the mean,
+/// all in the unit of the values summarised. Percentiles are nearest rank (the smallest value
+/// with at least that share of the values at or below it), at [`SIGFIG`] significant figures.
+/// Every figure is NaN when there are no values.
 #[derive(Debug, Clone, Copy)]
 pub struct Summary {
     /// How many values.
@@ -37,6 +51,8 @@ pub struct Summary {
     pub min: f64,
     /// Largest.
     pub max: f64,
+    /// Arithmetic mean.
+    pub mean: f64,
     /// 10th percentile.
     pub p10: f64,
     /// 90th percentile.
@@ -46,18 +62,41 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Summarises `v`.
+    /// Summarises `v`, recorded into a histogram in steps of [`RESOLUTION`]. The values must
+    /// not be negative (those count as 0); NaN and infinite values are left out.
     pub fn of(v: &[f64]) -> Summary {
-        let mut s = v.to_vec();
-        s.sort_by(|a, b| a.total_cmp(b));
+        let mut h = histogram();
+        for &x in v.iter().filter(|x| x.is_finite()) {
+            record(&mut h, (x / RESOLUTION).round() as u64);
+        }
+        Summary::from_histogram(&h, RESOLUTION)
+    }
+
+    /// Summarises the values recorded in `h`, each recorded count being worth `unit` of the
+    /// unit wanted: `1e-3` reads a histogram of microseconds in milliseconds.
+    pub fn from_histogram(h: &Histogram<u64>, unit: f64) -> Summary {
+        if h.is_empty() {
+            return Summary {
+                n: 0,
+                median: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+                mean: f64::NAN,
+                p10: f64::NAN,
+                p90: f64::NAN,
+                p99: f64::NAN,
+            };
+        }
+        let at = |q: f64| h.value_at_quantile(q) as f64 * unit;
         Summary {
-            n: s.len(),
-            median: percentile_sorted(&s, 50.0),
-            min: s.first().copied().unwrap_or(f64::NAN),
-            max: s.last().copied().unwrap_or(f64::NAN),
-            p10: percentile_sorted(&s, 10.0),
-            p90: percentile_sorted(&s, 90.0),
-            p99: percentile_sorted(&s, 99.0),
+            n: h.len() as usize,
+            median: at(0.5),
+            min: h.min() as f64 * unit,
+            max: h.max() as f64 * unit,
+            mean: h.mean() * unit,
+            p10: at(0.1),
+            p90: at(0.9),
+            p99: at(0.99),
         }
     }
 
@@ -189,12 +228,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_use_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&v, 100.0), 100.0);
-        assert_eq!(percentile(&[3.0], 10.0), 3.0);
+    fn integers_recorded_exactly_give_nearest_rank_percentiles() {
+        let mut h = histogram();
+        for us in (1..=100u64).rev() {
+            record(&mut h, us);
+        }
+        let s = Summary::from_histogram(&h, 1.0);
+        assert_eq!(s.n, 100);
+        assert_eq!(s.median, 50.0);
+        assert_eq!(s.p10, 10.0);
+        assert_eq!(s.p90, 90.0);
+        assert_eq!(s.p99, 99.0);
+        assert_eq!((s.min, s.max), (1.0, 100.0));
+        assert_eq!(s.mean, 50.5);
+        // Microseconds read in milliseconds.
+        assert!((Summary::from_histogram(&h, 1e-3).p99 - 0.099).abs() < 1e-12);
+    }
+
+    #[test]
+    fn summaries_of_floats_hold_three_significant_figures() {
+        let v: Vec<f64> = (1..=100).rev().map(|i| f64::from(i) * 0.37).collect();
+        let s = Summary::of(&v);
+        let close = |got: f64, want: f64| {
+            assert!(
+                (got - want).abs() <= want * 1e-3,
+                "{got} is not {want} to 3 significant figures"
+            );
+        };
+        assert_eq!(s.n, 100);
+        close(s.median, 50.0 * 0.37);
+        close(s.p99, 99.0 * 0.37);
+        close(s.min, 0.37);
+        close(s.max, 37.0);
+        close(s.mean, 50.5 * 0.37);
+        close(median(&[3.0]), 3.0);
+        close(median(&[2.0, f64::NAN, 1.0, 3.0]), 2.0);
+        assert!(Summary::of(&[]).median.is_nan());
+        // Beyond u64 at this resolution: recorded as u64::MAX, not lost.
+        assert_eq!(Summary::of(&[1e30, 1.0]).n, 2);
+        assert_eq!(ms(Summary::of(&[]).max), "–");
         assert_eq!(count(1234567.0), "1,234,567");
     }
 }
