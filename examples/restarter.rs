@@ -42,7 +42,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
-use shellflip::lifecycle::{LifecycleHandler, PipeWriter};
+use shellflip::{LifecycleHandler, StateReader, StateWriter};
 use shellflip::{Registry, RestartConfig, RestartHandle, ShutdownCoordinator, ShutdownSignal};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -141,9 +141,9 @@ struct AppState {
     generation: u64,
 }
 
-#[async_trait::async_trait]
+#[shellflip::async_trait]
 impl LifecycleHandler for AppState {
-    async fn send_to_new_process(&mut self, mut w: PipeWriter) -> std::io::Result<()> {
+    async fn send_to_new_process(&mut self, mut w: StateWriter) -> std::io::Result<()> {
         if self.config.fail_state_send {
             return Err(std::io::Error::other(
                 "state send failed on purpose (fail_state_send = true)",
@@ -180,7 +180,7 @@ impl LifecycleHandler for AppState {
 }
 
 /// Reads the previous generation's state: its generation, checked against our state format.
-async fn read_state(mut r: shellflip::PipeReader, expected_format: u32) -> Result<u64, String> {
+async fn read_state(mut r: StateReader, expected_format: u32) -> Result<u64, String> {
     let format = r
         .read_u32()
         .await

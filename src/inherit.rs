@@ -723,4 +723,39 @@ mod tests {
         assert!(get("NOTIFY_SOCKET").is_none());
         assert_eq!(env.iter().filter(|(k, _)| k == ENV_FDS).count(), 1);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_environment_parses_or_is_a_clear_error(
+                ppid in proptest::option::of(prop_oneof![Just("99".to_owned()), "[0-9a-z]{0,12}"]),
+                listen_pid in proptest::option::of(prop_oneof![Just("100".to_owned()), "[0-9a-z]{0,12}"]),
+                count in proptest::option::of("[0-9]{0,6}|[a-z]{1,3}"),
+                names in proptest::option::of("[ -~]{0,64}"),
+                mode in proptest::option::of("serve|validate|[a-z]{0,8}"),
+            ) {
+                let mut pairs = Vec::new();
+                if let Some(v) = ppid { pairs.push((ENV_PPID, v)); }
+                if let Some(v) = listen_pid { pairs.push(("LISTEN_PID", v)); }
+                if let Some(v) = count.clone() { pairs.push((ENV_FDS, v.clone())); pairs.push(("LISTEN_FDS", v)); }
+                if let Some(v) = names { pairs.push((ENV_FDNAMES, v.clone())); pairs.push(("LISTEN_FDNAMES", v)); }
+                if let Some(v) = mode { pairs.push((ENV_MODE, v)); }
+                match parse_env(&pairs) {
+                    Ok(d) => {
+                        for name in &d.names {
+                            prop_assert!(check_name(name).is_ok(), "{name:?}");
+                        }
+                        if !d.names.is_empty() {
+                            let n: usize = count.as_deref().unwrap_or("").parse().unwrap_or(usize::MAX);
+                            prop_assert_eq!(d.names.len(), n);
+                        }
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+        }
+    }
 }
