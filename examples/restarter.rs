@@ -66,8 +66,11 @@ struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Seconds a new generation has to become ready.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 60.0, value_parser = seconds)]
     startup_timeout: f64,
+    /// The program a restart starts (default: this binary, as it was started).
+    #[arg(long)]
+    executable: Option<PathBuf>,
     /// Run in the systemd lifecycle (file descriptor store) instead of fork/exec.
     #[arg(long)]
     systemd: bool,
@@ -121,18 +124,39 @@ impl Default for Config {
     }
 }
 
+/// A number of seconds that a `Duration` can hold: finite, not negative, at most a year.
+fn seconds(text: &str) -> Result<f64, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    check_seconds(secs)
+}
+
+fn check_seconds(secs: f64) -> Result<f64, String> {
+    if secs.is_finite() && (0.0..=365.0 * 86400.0).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err(format!(
+            "{secs} is not a number of seconds between 0 and one year"
+        ))
+    }
+}
+
 fn read_config(path: Option<&Path>) -> Result<Config, String> {
     let Some(path) = path else {
         return Ok(Config::default());
     };
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
+    let config: Config = toml::from_str(&text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
             .unwrap_or(1);
         format!("{} line {line}: {}", path.display(), e.message())
-    })
+    })?;
+    // Every value is checked now, before readiness: a value used later must not fail then.
+    check_seconds(config.drain_secs).map_err(|e| format!("{}: drain_secs: {e}", path.display()))?;
+    Ok(config)
 }
 
 /// What crosses to the next generation: the state format, the generation, optional padding.
@@ -266,6 +290,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// An accept that failed (out of descriptors, most often): say so, and give the system a
+/// moment instead of spinning on the same error.
+async fn accept_failed(listener: &str, e: std::io::Error) {
+    tracing::warn!("{listener} accept: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 /// Shared by every connection.
 struct Shared {
     generation: u64,
@@ -323,6 +354,7 @@ async fn serve(args: Args) -> ExitCode {
             generation,
         }),
         startup_timeout: Duration::from_secs_f64(args.startup_timeout),
+        executable: args.executable.clone(),
         registry: registry.clone(),
         ..Default::default()
     };
@@ -407,11 +439,11 @@ async fn serve(args: Args) -> ExitCode {
                         drop(handle);
                     });
                 }
-                Err(e) => tracing::warn!("http accept: {e}"),
+                Err(e) => accept_failed("http", e).await,
             },
             conn = echo.accept() => match conn {
                 Ok((tcp, _)) => spawn_echo(tcp, None, Some(generation), &coordinator, park.clone(), &registry),
-                Err(e) => tracing::warn!("echo accept: {e}"),
+                Err(e) => accept_failed("echo", e).await,
             },
             outcome = &mut restart => break outcome,
         }
@@ -426,6 +458,8 @@ async fn serve(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Only now does the restart's initiator hear the new PID.
+    handover.accepting_stopped();
     let deadline = if args.systemd {
         Duration::from_millis(config.systemd_drain_ms)
     } else {

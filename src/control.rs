@@ -285,16 +285,27 @@ impl Initiator {
                 let _ = tx.send(outcome);
             }
             Initiator::Socket(mut socket) => {
-                let msg = RestartMessage::Response(match outcome {
-                    Ok(pid) => {
-                        RestartResponse::RestartComplete(pid.unwrap_or_else(std::process::id))
-                    }
-                    Err(why) => RestartResponse::RestartFailed(why.to_string()),
-                });
+                let msg = response(outcome);
                 match tokio::time::timeout(IO_DEADLINE, socket.send_message(msg)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!("cannot answer the restart's initiator: {e}"),
                     Err(_) => tracing::warn!("the restart's initiator does not read its answer"),
+                }
+            }
+        }
+    }
+
+    /// [`respond`](Self::respond) from synchronous code (any thread): the answer is written
+    /// before this returns, within the deadline.
+    pub(crate) fn respond_now(self, outcome: Result<Option<u32>, RestartError>) {
+        match self {
+            Initiator::RestartSignal | Initiator::Terminate => {}
+            Initiator::Handle(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Initiator::Socket(socket) => {
+                if let Err(e) = write_now(socket, response(outcome)) {
+                    tracing::warn!("cannot answer the restart's initiator: {e}");
                 }
             }
         }
@@ -308,6 +319,27 @@ impl Initiator {
             Initiator::Handle(_) => "restart handle",
         }
     }
+}
+
+/// The answer to a restart request.
+fn response(outcome: Result<Option<u32>, RestartError>) -> RestartMessage {
+    RestartMessage::Response(match outcome {
+        Ok(pid) => RestartResponse::RestartComplete(pid.unwrap_or_else(std::process::id)),
+        Err(why) => RestartResponse::RestartFailed(why.to_string()),
+    })
+}
+
+/// Writes one frame with a blocking write, within [`IO_DEADLINE`].
+fn write_now(socket: RestartCoordinationSocket, msg: RestartMessage) -> io::Result<()> {
+    use std::io::Write;
+    let json = serde_json::to_vec(&msg)?;
+    let len = u32::try_from(json.len()).map_err(io::Error::other)?;
+    let mut frame = len.to_be_bytes().to_vec();
+    frame.extend_from_slice(&json);
+    let mut stream = socket.into_inner().into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(IO_DEADLINE))?;
+    stream.write_all(&frame)
 }
 
 /// What the server hands to the restart loop.

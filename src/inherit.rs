@@ -354,8 +354,89 @@ fn open(d: Description, executable: Option<PathBuf>) -> Result<Inherited, Inheri
 
 /// Parses the environment and takes the descriptors it describes.
 fn read_environment(get: &dyn Fn(&str) -> Option<OsString>) -> Result<Inherited, InheritError> {
-    let d = parse(get, Identity::current())?;
+    let me = Identity::current();
+    let d = parse(get, me)?;
+    match d.origin {
+        Origin::Parent => die_with_parent(me.parent),
+        _ => report_wrapper(get, me),
+    }
     open(d, get_executable(get))
+}
+
+/// A successor must not outlive the generation that started it before it took over (a restart
+/// abandoned half-way, say by a SIGTERM to the old generation): until it declares itself ready,
+/// it is killed when its parent dies (`PR_SET_PDEATHSIG`; [`clear_parent_death_signal`]
+/// lifts that). A parent that died already ends it now.
+fn die_with_parent(parent: u32) {
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        tracing::warn!("cannot ask to be stopped with the parent generation: {e}");
+    }
+    if std::os::unix::process::parent_id() != parent {
+        eprintln!(
+            "shellflip: the generation that started this process (PID {parent}) is gone before \
+             this one was ready: the restart was abandoned; exiting"
+        );
+        std::process::exit(1);
+    }
+}
+
+/// Once ready, this process is the service: its parent generation may exit.
+pub(crate) fn clear_parent_death_signal() {
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(None) {
+        tracing::warn!("cannot stop following the parent generation: {e}");
+    }
+}
+
+/// A successor started through a wrapper that did not `exec` it sees the wrapper as its parent
+/// and ignores what was handed over; without a word, the old generation would only learn that
+/// "it exited with status 1". When the wrapper's parent is the generation that handed over, say
+/// why on the readiness pipe, which the wrapper passed on.
+fn report_wrapper(get: &dyn Fn(&str) -> Option<OsString>, me: Identity) {
+    let Some(handing) = get(ENV_PPID).and_then(|v| v.to_str()?.parse::<u32>().ok()) else {
+        return;
+    };
+    if handing == me.parent || grandparent(me.parent) != Some(handing) {
+        return;
+    }
+    let Ok(names) = parse_names(get, ENV_FDS, ENV_FDNAMES) else {
+        return;
+    };
+    let Some(i) = names.iter().position(|n| n == READY_FD) else {
+        return;
+    };
+    let raw = FIRST_FD + i as RawFd;
+    // SAFETY: F_GETFD only reads the descriptor's flags (EBADF when it is not open).
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } == -1 {
+        return;
+    }
+    // SAFETY: the descriptor is open (checked above); it is only written to below, never
+    // closed, and the borrow ends with this function, during which nothing else in this
+    // starting process closes it.
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+    let is_pipe = nix::sys::stat::fstat(fd)
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+        .unwrap_or(false);
+    if !is_pipe {
+        return;
+    }
+    let reason = format!(
+        "process {} was started by process {}, a child of the generation that handed over ({handing}): \
+         a wrapper ran the service without `exec`, so the service could not take what was handed \
+         over; make the wrapper `exec` the service",
+        me.pid, me.parent
+    );
+    let _ = nix::unistd::write(fd, &ReadyLine::Failed(reason).encode());
+}
+
+/// The parent of process `pid`, from `/proc/PID/stat`.
+fn grandparent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses; it ends at the last ')'.
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 static INHERITED: OnceLock<Mutex<Result<Inherited, InheritError>>> = OnceLock::new();

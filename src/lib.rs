@@ -67,6 +67,7 @@
 //!             handover = &mut restart => {
 //!                 let handover = handover?;
 //!                 drop(listener); // stop accepting: the new generation accepts now
+//!                 handover.accepting_stopped(); // the initiator hears the new PID now
 //!                 shutdown.shutdown_with_timeout(std::time::Duration::from_secs(30)).await;
 //!                 std::process::exit(handover.exit_code());
 //!             }

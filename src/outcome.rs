@@ -12,20 +12,150 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 /// A successful restart: what the old process does next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Stop accepting, then call [`accepting_stopped`](Self::accepting_stopped): in the fork/exec
+/// lifecycle the restart's initiator (`shellflip restart`, `systemctl reload`) hears the new PID
+/// only then, so that a deploy script that checks the service right after sees the new
+/// generation. An application that does not call it has its initiator answered when the last
+/// clone of the `Handover` is dropped, when [`exit_code`](Self::exit_code) is called, or
+/// [`ANSWER_AT_THE_LATEST`](Self::ANSWER_AT_THE_LATEST) after the restart task resolved,
+/// whichever comes first. (In the systemd lifecycle the new generation answers, once ready.)
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn f(restart: shellflip::RestartTask, listener: tokio::net::TcpListener) -> Result<(), Box<dyn std::error::Error>> {
+/// let handover = restart.await?;
+/// drop(listener); // the new generation accepts from now on
+/// handover.accepting_stopped(); // and the initiator hears its PID
+/// // ... drain, then:
+/// std::process::exit(handover.exit_code());
+/// # }
+/// ```
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct Handover {
     new_pid: Option<u32>,
     exit_code: i32,
+    answer: Arc<Answer>,
+}
+
+/// The initiator's answer, held until this generation stopped accepting. Delivered at most
+/// once: by [`Handover::accepting_stopped`], by `exit_code`, when the last clone is dropped, or
+/// by the restart loop at the latest.
+struct Answer {
+    pending: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// True once nothing is pending.
+    done: watch::Sender<bool>,
+}
+
+impl Answer {
+    fn deliver(&self) {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(answer) = pending {
+            answer();
+        }
+        self.done.send_replace(true);
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.deliver();
+    }
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("new_pid", &self.new_pid)
+            .field("exit_code", &self.exit_code)
+            .finish()
+    }
+}
+
+impl PartialEq for Handover {
+    fn eq(&self, other: &Handover) -> bool {
+        (self.new_pid, self.exit_code) == (other.new_pid, other.exit_code)
+    }
+}
+
+impl Eq for Handover {}
+
+/// Waits for a handover's answer to be delivered, and delivers it at the latest.
+pub(crate) struct Delivery {
+    answer: Weak<Answer>,
+    done: watch::Receiver<bool>,
+}
+
+impl Delivery {
+    /// Resolves once the answer was delivered; after `at_latest`, delivers it itself.
+    pub(crate) async fn wait(mut self, at_latest: Duration) {
+        let delivered = tokio::time::timeout(at_latest, async {
+            // Err: every clone was dropped, and dropping the last one delivered the answer.
+            let _ = self.done.wait_for(|done| *done).await;
+        })
+        .await;
+        if delivered.is_err() {
+            tracing::warn!(
+                "the application did not say it stopped accepting (Handover::accepting_stopped); \
+                 answering the initiator anyway"
+            );
+            if let Some(answer) = self.answer.upgrade() {
+                let _ = tokio::task::spawn_blocking(move || answer.deliver()).await;
+            }
+        }
+    }
 }
 
 impl Handover {
+    /// How long the initiator waits at most for [`accepting_stopped`](Self::accepting_stopped).
+    pub const ANSWER_AT_THE_LATEST: Duration = Duration::from_secs(2);
+
     pub(crate) fn new(new_pid: Option<u32>, exit_code: i32) -> Handover {
-        Handover { new_pid, exit_code }
+        Handover {
+            new_pid,
+            exit_code,
+            answer: Arc::new(Answer {
+                pending: Mutex::new(None),
+                done: watch::channel(true).0,
+            }),
+        }
+    }
+
+    /// Holds `answer` until this generation stopped accepting.
+    pub(crate) fn answer_once_accepting_stopped(&self, answer: impl FnOnce() + Send + 'static) {
+        *self
+            .answer
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(answer));
+        self.answer.done.send_replace(false);
+    }
+
+    /// What waits for the answer to go out.
+    pub(crate) fn delivery(&self) -> Delivery {
+        Delivery {
+            answer: Arc::downgrade(&self.answer),
+            done: self.answer.done.subscribe(),
+        }
+    }
+
+    /// Says that this generation no longer accepts connections: the restart's initiator is
+    /// answered now (on this thread: the answer is written before this returns). Calling it
+    /// again does nothing.
+    pub fn accepting_stopped(&self) {
+        self.answer.deliver();
     }
 
     /// The new process's PID (fork/exec); `None` in the systemd lifecycle, where systemd starts
@@ -36,7 +166,11 @@ impl Handover {
 
     /// The status to exit with once drained: 0, or (systemd lifecycle, restart asked for on the
     /// control socket or by signal) [`RestartConfig::systemd_restart_exit_code`](crate::RestartConfig::systemd_restart_exit_code).
+    ///
+    /// A process asking for it is about to exit: an initiator not answered yet is answered now
+    /// (see [`accepting_stopped`](Self::accepting_stopped)).
     pub fn exit_code(&self) -> i32 {
+        self.answer.deliver();
         self.exit_code
     }
 }

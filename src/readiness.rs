@@ -57,8 +57,25 @@ pub fn startup_complete() -> io::Result<()> {
         return Ok(());
     }
     if inherit::is_validation_run() {
-        let told = tell_parent(ReadyLine::Ready);
-        std::process::exit(if matches!(told, Ok(true)) { 0 } else { 1 });
+        let code = match tell_parent(ReadyLine::Ready) {
+            Ok(true) => 0,
+            Ok(false) => {
+                eprintln!(
+                    "shellflip: validation run (SHELLFLIP_MODE=validate) without a parent \
+                     generation waiting for its verdict: nothing to report to"
+                );
+                1
+            }
+            Err(e) => {
+                eprintln!("shellflip: validation run: cannot report to the parent generation: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+    if inherit::origin() == Origin::Parent {
+        // From now on this process is the service, whatever happens to its parent.
+        inherit::clear_parent_death_signal();
     }
     let told = tell_parent(ReadyLine::Ready);
     let mut states = vec![sd_notify::NotifyState::Ready];

@@ -310,9 +310,14 @@ impl<T: Transport> Loop<T> {
                 Ok(handover) => {
                     tracing::info!(?elapsed, new_pid = ?handover.new_pid(), "restart succeeded; draining");
                     stop_control.cancel();
-                    self.transport.answer(initiator, handover).await;
+                    let new_pid = handover.new_pid();
+                    self.transport.answer(initiator, &handover).await;
+                    // The application stops accepting, then the initiator hears (a dropped
+                    // task drops the handover: that counts as having stopped).
+                    let delivery = handover.delivery();
                     let _ = outcome.send(Ok(handover));
-                    self.answer_after_handover().await;
+                    delivery.wait(Handover::ANSWER_AT_THE_LATEST).await;
+                    self.answer_after_handover(new_pid).await;
                     return;
                 }
                 Err(e) => {
@@ -430,12 +435,17 @@ impl<T: Transport> Loop<T> {
         (result, stop)
     }
 
-    /// After the handover: requests still queued are told to ask the new generation.
-    async fn answer_after_handover(mut self) {
+    /// After the handover: requests that queued up meanwhile were satisfied by this restart
+    /// (its new PID); where there is no PID to give (systemd), they ask the new generation.
+    async fn answer_after_handover(mut self, new_pid: Option<u32>) {
         self.commands.close();
+        let answer = match new_pid {
+            Some(pid) => Ok(Some(pid)),
+            None => Err(RestartError::HandedOver),
+        };
         while let Some(cmd) = self.commands.recv().await {
             match cmd {
-                Command::Restart(i) => i.respond(Err(RestartError::HandedOver)).await,
+                Command::Restart(i) => respond_later(i, answer.clone()),
                 Command::Status(tx) => {
                     let _ = tx.send(self.record.status(true));
                 }
@@ -586,6 +596,19 @@ mod tests {
             }
         }
 
+        /// A restart that succeeds, played the way an application plays it: the task resolves,
+        /// the application stops accepting and says so, then the initiator hears.
+        async fn restart_and_hand_over(&mut self) -> (Option<u32>, Handover) {
+            let restart = self.restart_in_background();
+            let handover = (&mut self.outcome)
+                .await
+                .expect("outcome")
+                .expect("a handover");
+            handover.accepting_stopped();
+            let told = restart.await.expect("join").expect("restart");
+            (told, handover)
+        }
+
         fn hooks(&self) -> (usize, usize) {
             (
                 self.hooks.pre.load(Ordering::SeqCst),
@@ -618,11 +641,8 @@ mod tests {
     #[tokio::test]
     async fn a_ready_successor_takes_over_with_the_state() {
         let mut h = fork_exec(vec![Script::Ready], config(LONG), state(b"forty-two"));
-        let pid = h.handle.restart().await.expect("restart").expect("a PID");
-        let handover = (&mut h.outcome)
-            .await
-            .expect("outcome")
-            .expect("a handover");
+        let (pid, handover) = h.restart_and_hand_over().await;
+        let pid = pid.expect("a PID");
         assert_eq!(handover.new_pid(), Some(pid));
         assert_eq!(handover.exit_code(), 0);
         let launched = h.launcher.launched();
@@ -666,7 +686,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_successor_that_exits_is_reported_and_the_old_one_keeps_going() {
-        let h = fork_exec(
+        let mut h = fork_exec(
             vec![Script::Exits(3), Script::Ready],
             config(LONG),
             state(&vec![7u8; 300_000]),
@@ -691,10 +711,7 @@ mod tests {
         let last = status.last_result.expect("a last result").to_string();
         assert!(last.contains("exited with status 3"), "{last}");
         // The next restart works.
-        assert_eq!(
-            h.handle.restart().await.expect("second restart"),
-            Some(1001)
-        );
+        assert_eq!(h.restart_and_hand_over().await.0, Some(1001));
         assert_eq!(
             h.launcher.launched()[1].state.as_ref().map(Vec::len),
             Some(300_000)
@@ -780,8 +797,7 @@ mod tests {
             config(LONG),
             Hooks::default(),
         );
-        h.handle.restart().await.expect("restart");
-        (&mut h.outcome).await.expect("outcome").expect("handover");
+        h.restart_and_hand_over().await;
         assert!(h.handle.restart().await.is_err());
         // A control-socket client whose request was queued is told to ask the new generation.
         let (tx, rx) = oneshot::channel();
@@ -799,8 +815,8 @@ mod tests {
     #[tokio::test]
     async fn systemd_validates_a_requested_restart_and_exits_with_the_restart_code() {
         let mut h = systemd(vec![Script::Ready], config(LONG), state(b"stored"));
-        assert_eq!(h.handle.restart().await.expect("restart"), None);
-        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        let (told, handover) = h.restart_and_hand_over().await;
+        assert_eq!(told, None);
         assert_eq!((handover.new_pid(), handover.exit_code()), (None, 75));
         let launched = h.launcher.launched();
         assert!(launched[0].validation, "a validation run");
@@ -862,6 +878,62 @@ mod tests {
         h.ready.send_replace(true);
         let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
         assert_eq!(handover.exit_code(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_initiator_hears_only_once_the_old_generation_stopped_accepting() {
+        let mut h = fork_exec(
+            vec![Script::Ready, Script::Ready],
+            config(LONG),
+            Hooks::default(),
+        );
+        let restart = h.restart_in_background();
+        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        // From here on, no I/O is left: virtual time is exact.
+        tokio::time::pause();
+        tokio::time::sleep(Handover::ANSWER_AT_THE_LATEST / 2).await;
+        assert!(!restart.is_finished(), "answered before accepting stopped");
+        handover.accepting_stopped();
+        assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
+    }
+
+    #[tokio::test]
+    async fn an_application_that_never_says_it_stopped_accepting_delays_the_answer_only_so_long() {
+        let mut h = fork_exec(vec![Script::Ready], config(LONG), Hooks::default());
+        let restart = h.restart_in_background();
+        let _handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        tokio::time::pause();
+        tokio::time::sleep(Handover::ANSWER_AT_THE_LATEST + Duration::from_millis(1)).await;
+        assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_handover_counts_as_having_stopped_accepting() {
+        let mut h = fork_exec(vec![Script::Ready], config(LONG), Hooks::default());
+        let restart = h.restart_in_background();
+        drop((&mut h.outcome).await.expect("outcome").expect("handover"));
+        tokio::time::pause();
+        assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
+    }
+
+    #[tokio::test]
+    async fn requests_queued_during_the_handover_get_its_pid_and_start_nothing() {
+        let mut h = fork_exec(
+            vec![Script::Ready, Script::Ready],
+            config(LONG),
+            Hooks::default(),
+        );
+        let restart = h.restart_in_background();
+        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        let late = h.restart_in_background();
+        tokio::task::yield_now().await;
+        handover.accepting_stopped();
+        assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
+        assert_eq!(
+            late.await.expect("join").expect("queued request"),
+            Some(1000)
+        );
+        assert_eq!(h.launcher.launched().len(), 1, "no second restart");
     }
 
     /// The seam is the only way the loop reaches a successor.

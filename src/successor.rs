@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
@@ -150,8 +150,13 @@ fn spawn_now(req: SpawnRequest) -> io::Result<Pid> {
     }
     let mut attr = PosixSpawnAttr::init()?;
     attr.set_flags(
-        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF
+            | PosixSpawnFlags::POSIX_SPAWN_SETPGROUP,
     )?;
+    // Its own process group (numbered by its PID): a successor that fails is stopped together
+    // with everything it started (a wrapper's children hold the listeners too).
+    attr.set_pgroup(Pid::from_raw(0))?;
     attr.set_sigmask(&SigSet::empty())?;
     let mut defaults = SigSet::all();
     defaults.remove(Signal::SIGKILL);
@@ -263,17 +268,24 @@ impl Launcher for Spawner {
                 .map_err(io::Error::from)?,
             ready,
             status: None,
+            handed_over: false,
         })
     }
 }
 
 /// The real [`Child`]: a process followed through its pidfd and its readiness pipe.
+///
+/// It leads its own process group. Whenever it fails (and when it is dropped before it took
+/// over: an abandoned restart), the whole group is killed, so that nothing it started keeps the
+/// service's descriptors.
 pub(crate) struct Process {
     pid: Pid,
     pidfd: AsyncFd<OwnedFd>,
     ready: tokio::net::unix::pipe::Receiver,
     /// How it ended, once reaped.
     status: Option<ExitStatus>,
+    /// Whether it took over (then it is the service, and nothing here may stop it).
+    handed_over: bool,
 }
 
 impl Child for Process {
@@ -311,13 +323,12 @@ impl Child for Process {
     }
 
     async fn kill_and_reap(&mut self) -> ExitStatus {
-        if self.status.is_none() {
-            let _ = kill(self.pid, Signal::SIGKILL);
-        }
+        self.stop_group();
         self.reap().await
     }
 
     fn reap_in_background(mut self) {
+        self.handed_over = true;
         tokio::spawn(async move {
             let status = self.reap().await;
             tracing::debug!(pid = self.pid.as_raw(), "successor {status}");
@@ -326,15 +337,32 @@ impl Child for Process {
 }
 
 impl Process {
-    /// The exit status, waiting at most `limit` for the exit (then killing it).
+    /// The exit status of a successor that failed, waiting at most `limit` for the exit (then
+    /// killing it); what it started is stopped with it.
     async fn exit_status_within(&mut self, limit: Duration) -> ExitStatus {
         if tokio::time::timeout(limit, self.pidfd.readable())
             .await
             .is_err()
         {
-            let _ = kill(self.pid, Signal::SIGKILL);
+            tracing::warn!(
+                pid = self.pid.as_raw(),
+                "a failed successor does not exit; killing it"
+            );
         }
-        self.reap().await
+        self.kill_and_reap().await
+    }
+
+    /// Kills the successor's process group: the successor and everything it started that did
+    /// not leave the group. The group's number cannot be reused while any member is alive, so
+    /// this never reaches a stranger, even after the successor itself was reaped.
+    fn stop_group(&self) {
+        match killpg(self.pid, Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => tracing::warn!(
+                pid = self.pid.as_raw(),
+                "cannot stop the successor's process group: {e}"
+            ),
+        }
     }
 
     async fn reap(&mut self) -> ExitStatus {
@@ -356,6 +384,25 @@ impl Process {
                 ExitStatus::Unknown
             }
         }
+    }
+}
+
+impl Drop for Process {
+    /// A successor dropped before it took over belongs to a restart that was abandoned (the
+    /// loop's task was cancelled): it is stopped with its group, and reaped by a thread.
+    fn drop(&mut self) {
+        if self.handed_over || self.status.is_some() {
+            return;
+        }
+        tracing::warn!(
+            pid = self.pid.as_raw(),
+            "stopping the successor of an abandoned restart"
+        );
+        self.stop_group();
+        let pid = self.pid;
+        let _ = std::thread::Builder::new()
+            .name("shellflip-reaper".into())
+            .spawn(move || nix::sys::wait::waitpid(pid, None));
     }
 }
 

@@ -140,11 +140,12 @@ impl<L: Launcher> Transport for Systemd<L> {
         Ok(Handover::new(None, ctx.config.systemd_restart_exit_code))
     }
 
-    /// A control-socket initiator waits in the store for the new generation's answer.
-    async fn answer(&mut self, initiator: Initiator, handover: Handover) {
+    /// A control-socket initiator waits in the store for the new generation's answer, which
+    /// comes once that generation is ready: after this one stopped accepting.
+    async fn answer(&mut self, initiator: Initiator, _handover: &Handover) {
         match initiator {
             Initiator::Socket(socket) => store_initiator(socket),
-            other => other.respond(Ok(handover.new_pid())).await,
+            other => other.respond(Ok(None)).await,
         }
     }
 }

@@ -53,12 +53,15 @@ pub(crate) trait Transport: Send + 'static {
         trigger: Trigger,
     ) -> impl Future<Output = Result<Handover, RestartError>> + Send;
 
-    /// Tells the initiator of a successful restart.
+    /// Arranges the answer to the initiator of a successful restart: by default the new PID,
+    /// once this generation stopped accepting (see [`Handover::accepting_stopped`]).
     fn answer(
         &mut self,
         initiator: Initiator,
-        handover: Handover,
+        handover: &Handover,
     ) -> impl Future<Output = ()> + Send {
-        initiator.respond(Ok(handover.new_pid()))
+        let new_pid = handover.new_pid();
+        handover.answer_once_accepting_stopped(move || initiator.respond_now(Ok(new_pid)));
+        std::future::ready(())
     }
 }

@@ -506,6 +506,8 @@ pub struct Options {
     pub startup_timeout: Option<f64>,
     /// Extra environment variables for generation 0.
     pub env: Vec<(String, String)>,
+    /// Extra arguments for generation 0 (and so every later one).
+    pub args: Vec<String>,
 }
 
 /// The example service, started in its own temporary directory on its own ports. Drop kills
@@ -551,6 +553,7 @@ impl Service {
         if let Some(t) = opts.startup_timeout {
             cmd.arg("--startup-timeout").arg(t.to_string());
         }
+        cmd.args(&opts.args);
         for var in PROTOCOL_VARS {
             cmd.env_remove(var);
         }
