@@ -1,11 +1,14 @@
 //! Helpers for the integration tests that drive the example service (`examples/restarter.rs`)
 //! as real processes: a guard that starts generation 0 in its own temporary directory on its own
 //! ports and kills every generation at drop, a small HTTP/1.1 client, process inspection
-//! through `/proc`, and command runners with deadlines.
+//! through `/proc`, and command runners with deadlines. Also: building the other examples
+//! ([`example`]) and a stand-in for systemd's notify socket and store ([`fake_systemd`]).
 //!
 //! Nothing here ever waits without a deadline.
 
 #![allow(dead_code)]
+
+pub mod fake_systemd;
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -77,6 +80,30 @@ pub fn restarter() -> PathBuf {
         "{} is missing: run the tests with `cargo test --all-features`",
         path.display()
     );
+    path
+}
+
+/// The example `name` (`examples/NAME.rs`), built if needed, like [`restarter`]: once per test
+/// process and name, with `--all-features`.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    // Held during the build: one cargo at a time from this test process.
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.contains(name) {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--all-features", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        let out = run(cmd, Duration::from_secs(900));
+        assert!(
+            out.status.success(),
+            "cannot build the example {name}:\n{}",
+            out.stderr
+        );
+        built.insert(name.to_owned());
+    }
+    let path = target_dir().join("examples").join(name);
+    assert!(path.exists(), "{} is missing", path.display());
     path
 }
 
@@ -807,6 +834,27 @@ impl Drop for Service {
             );
         }
         self.kill_all();
+    }
+}
+
+/// Kills (SIGKILL), by PID, every process whose command line contains `marker` (a test's
+/// temporary directory, named in the arguments of every process the test started), until none
+/// is left or a second has passed.
+pub fn kill_processes_naming(marker: &Path) {
+    let marker = marker.as_os_str().as_bytes();
+    for _ in 0..50 {
+        let ours: Vec<u32> = all_pids()
+            .into_iter()
+            .filter(|&pid| pid != std::process::id() && cmdline_contains(pid, marker))
+            .filter(|&pid| is_running(pid))
+            .collect();
+        if ours.is_empty() {
+            return;
+        }
+        for pid in ours {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
