@@ -74,7 +74,7 @@ async fn serve() -> Result<i32, Box<dyn std::error::Error>> {
         }
     };
     drop(listener); // stop accepting: the new process accepts on the same socket
-    let drain = Duration::from_secs(10);
-    shutdown.shutdown_with_timeout(drain).await;
+    handover.accepting_stopped(); // only now does `shellflip restart` hear the new PID
+    shutdown.shutdown_with_timeout(Duration::from_secs(10)).await;
     Ok(handover.exit_code())
 }
