@@ -9,8 +9,7 @@
 //! nc 127.0.0.1 8080                               # requests=2, from the new PID
 //! ```
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, atomic::AtomicU64, atomic::Ordering};
 use std::time::Duration;
 
 use shellflip::{RestartConfig, ShutdownCoordinator, StateWriter};
@@ -75,6 +74,7 @@ async fn serve() -> Result<i32, Box<dyn std::error::Error>> {
     };
     drop(listener); // stop accepting: the new process accepts on the same socket
     handover.accepting_stopped(); // only now does `shellflip restart` hear the new PID
-    shutdown.shutdown_with_timeout(Duration::from_secs(10)).await;
+    let drained = Duration::from_secs(10);
+    shutdown.shutdown_with_timeout(drained).await;
     Ok(handover.exit_code())
 }
