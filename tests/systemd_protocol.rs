@@ -7,108 +7,21 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, IoSliceMut, Write};
+use common::fake_systemd::FakeSystemd;
+
+use std::io::{BufRead, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use common::{
-    ChildGuard, DEADLINE, PROTOCOL_VARS, echo_client, free_addrs, http, poll_until, restarter,
-    shellflip_at, signal, test_dir,
+    ChildGuard, DEADLINE, echo_client, free_addrs, http, poll_until, restarter, shellflip_at,
+    signal, test_dir,
 };
-use nix::fcntl::{FcntlArg, fcntl};
 use nix::sys::signal::Signal;
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
-
-/// A stand-in for systemd: its notify socket and its file descriptor store.
-struct FakeSystemd {
-    socket: UnixDatagram,
-    path: PathBuf,
-    store: BTreeMap<String, OwnedFd>,
-    messages: Vec<String>,
-}
-
-impl FakeSystemd {
-    fn new(dir: &Path) -> FakeSystemd {
-        let path = dir.join("notify.sock");
-        let socket = UnixDatagram::bind(&path).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        FakeSystemd {
-            socket,
-            path,
-            store: BTreeMap::new(),
-            messages: Vec::new(),
-        }
-    }
-
-    /// Receives one notification, applying FDSTORE/FDSTOREREMOVE to the store.
-    fn receive(&mut self) -> Option<String> {
-        let mut buf = vec![0u8; 8192];
-        let mut cmsg = nix::cmsg_space!([RawFd; 16]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(
-            self.socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EAGAIN) => return None,
-            Err(e) => panic!("recvmsg: {e}"),
-        };
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().unwrap() {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: SCM_RIGHTS just gave us these new descriptors; we own them.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        let len = msg.bytes;
-        let text = String::from_utf8_lossy(&buf[..len]).into_owned();
-        let fields: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
-        let name = fields.get("FDNAME").copied().unwrap_or("stored");
-        if fields.get("FDSTORE") == Some(&"1") {
-            for fd in fds {
-                self.store.insert(name.to_string(), fd);
-            }
-        }
-        if fields.get("FDSTOREREMOVE") == Some(&"1") {
-            self.store.remove(name);
-        }
-        self.messages.push(text.clone());
-        Some(text)
-    }
-
-    /// Receives until a message contains `what`, or panics after `limit`.
-    fn wait_for(&mut self, what: &str, limit: Duration, log: &Path) -> String {
-        poll_until(limit, || {
-            self.receive().filter(|m| m.lines().any(|l| l == what))
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no {what} within {limit:?}; messages: {:?}\nlog:\n{}",
-                self.messages,
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        })
-    }
-
-    /// Drains what is queued now.
-    fn drain(&mut self) {
-        while self.receive().is_some() {}
-    }
-}
+use nix::sys::socket::{setsockopt, sockopt};
 
 /// One generation of the service, killed and reaped when dropped.
 struct Generation {
@@ -156,59 +69,18 @@ impl Setup {
     /// LISTEN_FDS/LISTEN_FDNAMES, LISTEN_PID set to the new process's PID.
     fn start(&self, systemd: &FakeSystemd, n: usize) -> Generation {
         let log = self.dir.path().join(format!("gen{n}.log"));
-        let names: Vec<&str> = systemd.store.keys().map(String::as_str).collect();
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c")
-            // $$ is the shell's PID, which exec keeps: the PID of the service.
-            .arg("LISTEN_PID=$$ exec \"$@\"")
-            .arg("sh")
-            .arg(restarter())
-            .args(["--systemd", "--http", &self.http.to_string()])
+        let mut cmd = systemd.command(&restarter());
+        cmd.args(["--systemd", "--http", &self.http.to_string()])
             .args(["--echo", &self.echo.to_string()])
             .arg("--socket")
             .arg(&self.socket)
             .arg("--config")
-            .arg(&self.config);
-        for var in PROTOCOL_VARS {
-            cmd.env_remove(var);
-        }
-        cmd.env("NOTIFY_SOCKET", &systemd.path)
+            .arg(&self.config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        if !names.is_empty() {
-            cmd.env("LISTEN_FDS", names.len().to_string())
-                .env("LISTEN_FDNAMES", names.join(":"));
-        }
-        // The child gets the descriptors at 3..: copies above that range first (close-on-exec,
-        // closed here once it started), then each copy onto its place in the child.
-        let above = 3 + names.len() as RawFd;
-        let copies: Vec<OwnedFd> = systemd
-            .store
-            .values()
-            .map(|fd| {
-                let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(above)).expect("F_DUPFD_CLOEXEC");
-                // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it.
-                unsafe { OwnedFd::from_raw_fd(raw) }
-            })
-            .collect();
-        let raw: Vec<RawFd> = copies.iter().map(AsRawFd::as_raw_fd).collect();
-        // SAFETY: between fork and exec only dup2, which is async-signal-safe, on descriptors
-        // that `copies` keeps open until `spawn` returns. It stays `libc`: nix 0.32's `dup2`
-        // wants an `OwnedFd` as its target and `dup2_raw` does not report a failure.
-        unsafe {
-            cmd.pre_exec(move || {
-                for (i, fd) in raw.iter().enumerate() {
-                    // dup2 clears close-on-exec on the target: only these reach the service.
-                    if libc::dup2(*fd, 3 + i as RawFd) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
         let child = ChildGuard::spawn(&mut cmd);
-        drop(copies);
+        drop(cmd);
         Generation { child, log }
     }
 }

@@ -1,8 +1,6 @@
 //! A stand-in for systemd in the systemd lifecycle: its notify socket, its file descriptor
 //! store, and starting a process the way systemd starts one (the store's descriptors at 3..,
 //! described in `LISTEN_FDS`/`LISTEN_FDNAMES`, `LISTEN_PID` set to the process's own PID).
-//!
-//! (`tests/systemd_protocol.rs` has its own copy, shaped around the restarter.)
 
 use std::collections::BTreeMap;
 use std::io::IoSliceMut;
