@@ -19,6 +19,7 @@
 //! ```toml
 //! greeting = "hello"           # shown by GET /
 //! startup_delay_ms = 0         # wait this long before declaring readiness
+//! crash_after_ready_ms = 300   # exit with status 70 this long after declaring readiness
 //! ballast_mib = 0              # hold this much memory, touched, once ready
 //! state_format = 1             # the state format this generation writes and accepts
 //! state_mib = 0                # extra bytes of state to hand over
@@ -71,6 +72,10 @@ struct Args {
     /// The program a restart starts (default: this binary, as it was started).
     #[arg(long)]
     executable: Option<PathBuf>,
+    /// Fork/exec: milliseconds a new generation stays on probation after it is ready; if it
+    /// dies meanwhile, this one serves again (default 0: no probation).
+    #[arg(long, default_value_t = 0)]
+    probation_ms: u64,
     /// Run in the systemd lifecycle (file descriptor store) instead of fork/exec.
     #[arg(long)]
     systemd: bool,
@@ -105,6 +110,7 @@ struct Config {
     crash_on_start: bool,
     drain_secs: f64,
     systemd_drain_ms: u64,
+    crash_after_ready_ms: Option<u64>,
 }
 
 impl Default for Config {
@@ -120,6 +126,7 @@ impl Default for Config {
             crash_on_start: false,
             drain_secs: 10.0,
             systemd_drain_ms: 500,
+            crash_after_ready_ms: None,
         }
     }
 }
@@ -355,6 +362,7 @@ async fn serve(args: Args) -> ExitCode {
         }),
         startup_timeout: Duration::from_secs_f64(args.startup_timeout),
         executable: args.executable.clone(),
+        probation: Duration::from_millis(args.probation_ms),
         registry: registry.clone(),
         ..Default::default()
     };
@@ -388,6 +396,13 @@ async fn serve(args: Args) -> ExitCode {
     }
     if let Err(e) = shellflip::startup_complete() {
         tracing::error!("cannot declare readiness: {e}");
+    }
+    if let Some(ms) = config.crash_after_ready_ms {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            tracing::error!("crash_after_ready_ms = {ms}: exiting with status 70");
+            std::process::exit(70);
+        });
     }
     eprintln!(
         "restarter: generation {generation} pid {} ready: http on {}, echo on {}, greeting {:?}",
@@ -445,7 +460,18 @@ async fn serve(args: Args) -> ExitCode {
                 Ok((tcp, _)) => spawn_echo(tcp, None, Some(generation), &coordinator, park.clone(), &registry),
                 Err(e) => accept_failed("echo", e).await,
             },
-            outcome = &mut restart => break outcome,
+            outcome = &mut restart => match outcome {
+                Ok(handover) => {
+                    // Not accepting any more, but the listeners are kept until the new
+                    // generation is confirmed (after its probation, if there is one).
+                    handover.accepting_stopped();
+                    match handover.confirmed().await {
+                        Ok(()) => break Ok(handover),
+                        Err(e) => tracing::warn!("{e}; serving again"),
+                    }
+                }
+                Err(e) => break Err(e),
+            },
         }
     };
     // Stop accepting: the next generation accepts on the same sockets from now on.
@@ -458,8 +484,6 @@ async fn serve(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Only now does the restart's initiator hear the new PID.
-    handover.accepting_stopped();
     let deadline = if args.systemd {
         Duration::from_millis(config.systemd_drain_ms)
     } else {

@@ -42,6 +42,13 @@ pub struct RestartConfig {
     pub restart_signal: SignalKind,
     /// How long a new process has to become ready before it is killed (default 60 s).
     pub startup_timeout: Duration,
+    /// Fork/exec lifecycle: how long a new process stays on probation after it declared
+    /// itself ready (default zero: none). During it the old process no longer accepts but keeps
+    /// its listeners, state and control socket; if the new process exits, is killed or reports
+    /// itself unhealthy ([`report_unhealthy`](crate::report_unhealthy)), the old one resumes
+    /// (see [`Handover::confirmed`](crate::Handover::confirmed)) and the restart is reported as
+    /// rolled back. The initiator is answered when the probation is over.
+    pub probation: Duration,
     /// The program to start; by default the path this process was started from, made absolute
     /// at start-up (so a binary replaced on disk is the one that starts).
     pub executable: Option<PathBuf>,
@@ -64,6 +71,7 @@ impl Default for RestartConfig {
             exit_on_error: false,
             restart_signal: SignalKind::user_defined1(),
             startup_timeout: Duration::from_secs(60),
+            probation: Duration::ZERO,
             executable: None,
             registry: Registry::new(),
             systemd_restart_exit_code: 75,
@@ -77,6 +85,7 @@ impl std::fmt::Debug for RestartConfig {
             .field("enabled", &self.enabled)
             .field("coordination_socket_path", &self.coordination_socket_path)
             .field("startup_timeout", &self.startup_timeout)
+            .field("probation", &self.probation)
             .field("registry", &self.registry)
             .finish_non_exhaustive()
     }

@@ -84,6 +84,29 @@ pub struct Status {
     pub last_result: Option<LastRestart>,
     /// What happened to the previous generation's state at start-up.
     pub state_on_start: String,
+    /// A probation running now ([`RestartConfig::probation`](crate::RestartConfig::probation)).
+    #[serde(default)]
+    pub probation: Option<Probation>,
+}
+
+/// A probation that runs now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Probation {
+    /// The new generation with this PID is on probation: this one serves again if it fails.
+    Successor(u32),
+    /// This generation is on probation: it restarts only once confirmed.
+    This,
+}
+
+impl std::fmt::Display for Probation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Probation::Successor(pid) => write!(f, "new process {pid}"),
+            Probation::This => f.write_str("this process, until the previous one confirms it"),
+        }
+    }
 }
 
 /// Which lifecycle a service runs.
@@ -142,6 +165,10 @@ impl std::fmt::Display for Status {
         match &self.last_result {
             Some(last) => writeln!(f, "last restart: {last}")?,
             None => writeln!(f, "last restart: none")?,
+        }
+        match &self.probation {
+            Some(p) => writeln!(f, "probation: {p}")?,
+            None => writeln!(f, "probation: none")?,
         }
         write!(f, "state on start: {}", self.state_on_start)
     }

@@ -24,13 +24,18 @@ const STATE_PIPE_SIZE: libc::c_int = 1024 * 1024;
 const REPORT_WAIT: Duration = Duration::from_secs(2);
 
 /// The fork/exec lifecycle, starting successors with `L`.
-pub(crate) struct ForkExec<L> {
+pub(crate) struct ForkExec<L: Launcher> {
     launcher: L,
+    /// A successor that is ready, until it is confirmed (or rolled back), and when it was ready.
+    ready: Option<(L::Child, Instant)>,
 }
 
 impl<L: Launcher> ForkExec<L> {
     pub(crate) fn new(launcher: L) -> ForkExec<L> {
-        ForkExec { launcher }
+        ForkExec {
+            launcher,
+            ready: None,
+        }
     }
 }
 
@@ -53,6 +58,43 @@ impl<L: Launcher> Transport for ForkExec<L> {
             ctx.handler.new_process_failed().await;
         }
         result
+    }
+
+    /// Watches the ready successor for [`RestartConfig::probation`]: if it exits or reports
+    /// itself unhealthy meanwhile, it is stopped (with its group), systemd's `MAINPID=` comes
+    /// back here, and the restart is rolled back.
+    ///
+    /// [`RestartConfig::probation`]: crate::RestartConfig::probation
+    async fn probation(&mut self, probation: Duration) -> Result<(), RestartError> {
+        let Some((mut successor, ready_at)) = self.ready.take() else {
+            return Ok(());
+        };
+        let pid = successor.pid();
+        let verdict = match probation {
+            p if p.is_zero() => Ok(()),
+            p => successor.watch_probation(p).await,
+        };
+        match verdict {
+            Ok(()) => {
+                successor.confirm();
+                successor.reap_in_background();
+                Ok(())
+            }
+            Err(failure) => {
+                let after_ready = ready_at.elapsed();
+                tracing::warn!(
+                    pid,
+                    ?after_ready,
+                    "restart rolled back: the new process {failure}"
+                );
+                notify(&[NotifyState::MainPid(std::process::id())]);
+                Err(RestartError::RolledBack {
+                    pid,
+                    failure,
+                    after_ready,
+                })
+            }
+        }
     }
 }
 
@@ -108,7 +150,7 @@ impl<L: Launcher> ForkExec<L> {
                             pid,
                             "restart: the successor is ready without reading the whole state"
                         );
-                        return Ok(succeeded(successor, started));
+                        return Ok(self.succeeded(successor, started));
                     }
                     Err(_) => {}
                 }
@@ -125,19 +167,20 @@ impl<L: Launcher> ForkExec<L> {
 
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         match successor.wait_ready(remaining).await {
-            Ok(()) => Ok(succeeded(successor, started)),
+            Ok(()) => Ok(self.succeeded(successor, started)),
             // Report the whole start-up timeout, not what was left of it.
             Err(SuccessorFailure::NotReady(_)) => Err(failed(SuccessorFailure::NotReady(timeout))),
             Err(other) => Err(failed(other)),
         }
     }
-}
 
-/// The successor is ready: it is systemd's main process now, and reaped whenever it exits.
-fn succeeded(successor: impl Child, started: Instant) -> Handover {
-    let pid = successor.pid();
-    tracing::info!(pid, elapsed = ?started.elapsed(), "restart: successor ready");
-    notify(&[NotifyState::MainPid(pid)]);
-    successor.reap_in_background();
-    Handover::new(Some(pid), 0)
+    /// The successor is ready: it is systemd's main process now, and on probation until
+    /// [`probation`](Transport::probation) confirms it.
+    fn succeeded(&mut self, successor: L::Child, started: Instant) -> Handover {
+        let pid = successor.pid();
+        tracing::info!(pid, elapsed = ?started.elapsed(), "restart: successor ready");
+        notify(&[NotifyState::MainPid(pid)]);
+        self.ready = Some((successor, Instant::now()));
+        Handover::new(Some(pid), 0)
+    }
 }

@@ -58,6 +58,9 @@ pub(crate) const CONTROL_FD: &str = "shellflip.control";
 pub(crate) const READY_FD: &str = "shellflip.ready";
 /// The state: a pipe from the parent generation, or a memfd in systemd's store.
 pub(crate) const STATE_FD: &str = "shellflip.state";
+/// The read end of the confirmation pipe: the parent generation writes `C` (or closes it) once
+/// this generation survived its probation.
+pub(crate) const CONFIRM_FD: &str = "shellflip.confirm";
 /// The connection of a control-socket client waiting in systemd's store for its answer.
 pub(crate) const INITIATOR_FD: &str = "shellflip.initiator";
 

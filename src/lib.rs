@@ -133,14 +133,16 @@ mod transport;
 /// write `#[shellflip::async_trait]` on the `impl`.
 pub use async_trait::async_trait;
 pub use config::RestartConfig;
-pub use control::{LastRestart, LifecycleKind, RestartCoordinationSocket, Status};
+pub use control::{LastRestart, LifecycleKind, Probation, RestartCoordinationSocket, Status};
 pub use inherit::{InheritError, Origin, generation, init_from_env, is_validation_run, origin};
 pub use lifecycle::{
     LifecycleHandler, NullLifecycleHandler, PipeReader, PipeWriter, receive_from_old_process,
     try_receive_from_old_process,
 };
-pub use outcome::{ExitStatus, Handover, RestartError, SetupError, SuccessorFailure};
-pub use readiness::{report_startup_failure, startup_complete};
+pub use outcome::{
+    ExitStatus, Handover, ProbationFailure, RestartError, SetupError, SuccessorFailure,
+};
+pub use readiness::{report_startup_failure, report_unhealthy, startup_complete};
 pub use registry::{Kind, Registry, RegistryError};
 pub use restart::{RestartHandle, RestartTask};
 pub use shutdown::{ShutdownCoordinator, ShutdownHandle, ShutdownSignal};

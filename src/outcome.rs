@@ -12,7 +12,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -26,6 +26,9 @@ use tokio::sync::watch;
 /// clone of the `Handover` is dropped, when [`exit_code`](Self::exit_code) is called, or
 /// [`ANSWER_AT_THE_LATEST`](Self::ANSWER_AT_THE_LATEST) after the restart task resolved,
 /// whichever comes first. (In the systemd lifecycle the new generation answers, once ready.)
+///
+/// With a probation ([`RestartConfig::probation`](crate::RestartConfig::probation)), keep the
+/// listeners until [`confirmed`](Self::confirmed) says the new generation survived it.
 ///
 /// # Examples
 ///
@@ -43,35 +46,67 @@ use tokio::sync::watch;
 pub struct Handover {
     new_pid: Option<u32>,
     exit_code: i32,
-    answer: Arc<Answer>,
+    /// Held by the application's clones only: dropping the last one counts as having stopped
+    /// accepting.
+    app: Arc<AppSide>,
+    /// The probation's verdict, once there is one.
+    verdict: watch::Receiver<Option<Result<(), RestartError>>>,
 }
 
-/// The initiator's answer, held until this generation stopped accepting. Delivered at most
-/// once: by [`Handover::accepting_stopped`], by `exit_code`, when the last clone is dropped, or
-/// by the restart loop at the latest.
-struct Answer {
-    pending: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-    /// True once nothing is pending.
+/// What both sides of a handover share: the initiator's answer, held until this generation
+/// stopped accepting and the new one is confirmed (or at once, when it was rolled back).
+struct Shared {
+    state: Mutex<AnswerState>,
+    verdict: watch::Sender<Option<Result<(), RestartError>>>,
+    /// True once no answer is pending.
     done: watch::Sender<bool>,
 }
 
-impl Answer {
-    fn deliver(&self) {
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+type PendingAnswer = Box<dyn FnOnce(Result<(), RestartError>) + Send>;
+
+#[derive(Default)]
+struct AnswerState {
+    pending: Option<PendingAnswer>,
+    /// Whether this generation stopped accepting.
+    stopped: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AnswerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Delivers the pending answer if its time has come: stopped accepting and confirmed, or
+    /// rolled back.
+    fn try_deliver(&self) {
+        let verdict = self.verdict.borrow().clone();
+        let ready = match &verdict {
+            Some(Ok(())) => self.lock().stopped,
+            Some(Err(_)) => true,
+            None => false,
+        };
+        let Some(verdict) = verdict.filter(|_| ready) else {
+            return;
+        };
+        let pending = self.lock().pending.take();
         if let Some(answer) = pending {
-            answer();
+            answer(verdict);
         }
         self.done.send_replace(true);
     }
+
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.try_deliver();
+    }
 }
 
-impl Drop for Answer {
+/// The application's side of a handover.
+struct AppSide(Arc<Shared>);
+
+impl Drop for AppSide {
     fn drop(&mut self) {
-        self.deliver();
+        self.0.stop();
     }
 }
 
@@ -92,18 +127,21 @@ impl PartialEq for Handover {
 
 impl Eq for Handover {}
 
-/// Waits for a handover's answer to be delivered, and delivers it at the latest.
-pub(crate) struct Delivery {
-    answer: Weak<Answer>,
-    done: watch::Receiver<bool>,
-}
+/// The restart loop's side of a handover: it gives the verdict and sees the answer out.
+pub(crate) struct Link(Arc<Shared>);
 
-impl Delivery {
+impl Link {
+    /// Gives the probation's verdict (or `Ok` at once, without one).
+    pub(crate) fn verdict(&self, verdict: Result<(), RestartError>) {
+        self.0.verdict.send_replace(Some(verdict));
+        self.0.try_deliver();
+    }
+
     /// Resolves once the answer was delivered; after `at_latest`, delivers it itself.
-    pub(crate) async fn wait(mut self, at_latest: Duration) {
+    pub(crate) async fn delivered(self, at_latest: Duration) {
+        let mut done = self.0.done.subscribe();
         let delivered = tokio::time::timeout(at_latest, async {
-            // Err: every clone was dropped, and dropping the last one delivered the answer.
-            let _ = self.done.wait_for(|done| *done).await;
+            let _ = done.wait_for(|done| *done).await;
         })
         .await;
         if delivered.is_err() {
@@ -111,9 +149,8 @@ impl Delivery {
                 "the application did not say it stopped accepting (Handover::accepting_stopped); \
                  answering the initiator anyway"
             );
-            if let Some(answer) = self.answer.upgrade() {
-                let _ = tokio::task::spawn_blocking(move || answer.deliver()).await;
-            }
+            let shared = self.0;
+            let _ = tokio::task::spawn_blocking(move || shared.stop()).await;
         }
     }
 }
@@ -123,39 +160,81 @@ impl Handover {
     pub const ANSWER_AT_THE_LATEST: Duration = Duration::from_secs(2);
 
     pub(crate) fn new(new_pid: Option<u32>, exit_code: i32) -> Handover {
+        let (verdict, verdict_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(AnswerState::default()),
+            verdict,
+            done: watch::channel(true).0,
+        });
         Handover {
             new_pid,
             exit_code,
-            answer: Arc::new(Answer {
-                pending: Mutex::new(None),
-                done: watch::channel(true).0,
-            }),
+            app: Arc::new(AppSide(shared)),
+            verdict: verdict_rx,
         }
     }
 
-    /// Holds `answer` until this generation stopped accepting.
-    pub(crate) fn answer_once_accepting_stopped(&self, answer: impl FnOnce() + Send + 'static) {
-        *self
-            .answer
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(answer));
-        self.answer.done.send_replace(false);
+    /// The loop's side of this handover.
+    pub(crate) fn link(&self) -> Link {
+        Link(self.app.0.clone())
     }
 
-    /// What waits for the answer to go out.
-    pub(crate) fn delivery(&self) -> Delivery {
-        Delivery {
-            answer: Arc::downgrade(&self.answer),
-            done: self.answer.done.subscribe(),
+    /// Holds `answer` until this generation stopped accepting and the new one is confirmed;
+    /// it is called with the verdict.
+    pub(crate) fn answer_with_verdict(
+        &self,
+        answer: impl FnOnce(Result<(), RestartError>) + Send + 'static,
+    ) {
+        let shared = &self.app.0;
+        shared.lock().pending = Some(Box::new(answer));
+        shared.done.send_replace(false);
+        shared.try_deliver();
+    }
+
+    /// Resolves once the new generation is confirmed: at once without a probation
+    /// ([`RestartConfig::probation`](crate::RestartConfig::probation)); with one, when the new
+    /// generation survived it (`Ok`) or died or reported itself unhealthy during it
+    /// ([`RestartError::RolledBack`]).
+    ///
+    /// After a rollback this process is the service again: resume accepting on the listeners
+    /// kept meanwhile, and keep polling the same [`RestartTask`](crate::RestartTask): it
+    /// resolves on the next restart.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(mut restart: shellflip::RestartTask, listener: tokio::net::TcpListener) -> Result<(), Box<dyn std::error::Error>> {
+    /// let handover = loop {
+    ///     tokio::select! {
+    ///         conn = listener.accept() => { let _ = conn?; /* serve it */ }
+    ///         handover = &mut restart => {
+    ///             let handover = handover?;
+    ///             // Not accepting any more (the listener is kept, for a rollback).
+    ///             handover.accepting_stopped();
+    ///             match handover.confirmed().await {
+    ///                 Ok(()) => break handover,
+    ///                 Err(e) => eprintln!("{e}; serving again"),
+    ///             }
+    ///         }
+    ///     }
+    /// };
+    /// drop(listener);
+    /// // ... drain, then exit with handover.exit_code()
+    /// # Ok(()) }
+    /// ```
+    pub async fn confirmed(&self) -> Result<(), RestartError> {
+        let mut verdict = self.verdict.clone();
+        match verdict.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or(Err(RestartError::LoopGone)),
+            Err(_) => Err(RestartError::LoopGone),
         }
     }
 
     /// Says that this generation no longer accepts connections: the restart's initiator is
-    /// answered now (on this thread: the answer is written before this returns). Calling it
-    /// again does nothing.
+    /// answered now (on this thread: the answer is written before this returns), or, with a
+    /// probation, as soon as the new generation is confirmed. Calling it again does nothing.
     pub fn accepting_stopped(&self) {
-        self.answer.deliver();
+        self.app.0.stop();
     }
 
     /// The new process's PID (fork/exec); `None` in the systemd lifecycle, where systemd starts
@@ -170,7 +249,7 @@ impl Handover {
     /// A process asking for it is about to exit: an initiator not answered yet is answered now
     /// (see [`accepting_stopped`](Self::accepting_stopped)).
     pub fn exit_code(&self) -> i32 {
-        self.answer.deliver();
+        self.app.0.stop();
         self.exit_code
     }
 }
@@ -218,6 +297,19 @@ pub enum SuccessorFailure {
     NotReady(Duration),
 }
 
+/// Why a new generation was rolled back during its probation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProbationFailure {
+    /// It ended.
+    #[error("{0}")]
+    Exited(ExitStatus),
+    /// It reported itself unhealthy ([`report_unhealthy`](crate::report_unhealthy)), with this
+    /// reason.
+    #[error("reported itself unhealthy: {0}")]
+    Unhealthy(String),
+}
+
 /// Why a restart failed or was refused. The old process keeps serving after every one of
 /// these (unless [`RestartConfig::exit_on_error`](crate::RestartConfig::exit_on_error) is set).
 ///
@@ -258,6 +350,19 @@ pub enum RestartError {
         /// What it did.
         #[source]
         failure: SuccessorFailure,
+    },
+    /// The new process took over, then died or reported itself unhealthy during its probation
+    /// ([`RestartConfig::probation`](crate::RestartConfig::probation)): this process serves
+    /// again, and the new one was stopped.
+    #[error("rolled back: new process {pid} {failure}, {} ms after it was ready", .after_ready.as_millis())]
+    RolledBack {
+        /// The new process's PID.
+        pid: u32,
+        /// What it did.
+        #[source]
+        failure: ProbationFailure,
+        /// How long after its readiness.
+        after_ready: Duration,
     },
     /// A system call of the restart itself failed (creating the state pipe, for instance).
     #[error("restart: {what}: {source}")]

@@ -2,7 +2,7 @@
 
 use std::fmt::Display;
 use std::io::{self, Write};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use tokio::sync::watch;
 
@@ -24,15 +24,55 @@ pub(crate) fn subscribe() -> watch::Receiver<bool> {
     ready_flag().subscribe()
 }
 
+/// The readiness pipe, kept after `R` while this generation is on probation, for
+/// [`report_unhealthy`].
+static PARENT: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
 /// Tells the parent generation (if any) `line` on the readiness pipe, which is taken out of the
-/// inherited set and closed: a parent hears at most one line. Returns false when there is no
-/// parent waiting.
+/// inherited set. After `R` it is kept until this generation is confirmed; after `F` it is
+/// closed. Returns false when there is no parent waiting.
 fn tell_parent(line: ReadyLine) -> io::Result<bool> {
-    let Some(fd) = inherit::take(READY_FD).map_err(io::Error::other)? else {
-        return Ok(false);
+    let mut parent = PARENT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut pipe = match parent.take() {
+        Some(pipe) => pipe,
+        None => match inherit::take(READY_FD).map_err(io::Error::other)? {
+            Some(fd) => std::fs::File::from(fd),
+            None => return Ok(false),
+        },
     };
-    std::fs::File::from(fd).write_all(&line.encode())?;
+    pipe.write_all(&line.encode())?;
+    if line == ReadyLine::Ready {
+        *parent = Some(pipe);
+    }
     Ok(true)
+}
+
+/// This generation was confirmed (or never on probation): the readiness pipe is closed.
+pub(crate) fn confirmed() {
+    PARENT.lock().unwrap_or_else(|p| p.into_inner()).take();
+}
+
+/// During this generation's probation
+/// ([`RestartConfig::probation`](crate::RestartConfig::probation), set in the generation that
+/// started this one), reports that it is unhealthy: the previous generation resumes serving and
+/// stops this one. Returns false when there is nobody to tell (no probation runs).
+///
+/// # Examples
+///
+/// ```
+/// let database_reachable = true;
+/// if !database_reachable {
+///     shellflip::report_unhealthy("cannot reach the database");
+/// }
+/// ```
+pub fn report_unhealthy(reason: impl Display) -> bool {
+    let reason = reason.to_string();
+    tracing::error!("reporting this generation unhealthy: {reason}");
+    let mut parent = PARENT.lock().unwrap_or_else(|p| p.into_inner());
+    match parent.take() {
+        Some(mut pipe) => pipe.write_all(&ReadyLine::Failed(reason).encode()).is_ok(),
+        None => false,
+    }
 }
 
 /// Declares that this process has taken over: the parent generation (fork/exec) learns that it

@@ -26,12 +26,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RestartConfig;
 use crate::control::{
-    self, Access, Command, ControlError, Initiator, LastRestart, RestartCoordinationSocket, Status,
+    self, Access, Command, ControlError, Initiator, LastRestart, Probation,
+    RestartCoordinationSocket, Status,
 };
 use crate::fork_exec::ForkExec;
 use crate::inherit;
 use crate::lifecycle::NullLifecycleHandler;
-use crate::outcome::{Handover, RestartError, SetupError};
+use crate::outcome::{Handover, Link, RestartError, SetupError};
 use crate::readiness;
 use crate::successor::Spawner;
 use crate::systemd::Systemd;
@@ -41,9 +42,11 @@ use crate::transport::{Context, Transport, Trigger};
 ///
 /// Poll it alongside your accept loop. The first poll declares this process ready (see
 /// [`startup_complete`](crate::startup_complete)); read the previous generation's state before.
+/// After a rollback ([`Handover::confirmed`] returned an error) keep polling it: it resolves
+/// again on the next restart.
 #[must_use = "the restart task declares readiness when polled, and resolves on a restart"]
 pub struct RestartTask {
-    outcome: oneshot::Receiver<Result<Handover, RestartError>>,
+    outcome: mpsc::Receiver<Result<Handover, RestartError>>,
     handle: RestartHandle,
     declared_ready: bool,
 }
@@ -71,8 +74,8 @@ impl Future for RestartTask {
                 tracing::error!("cannot tell the parent generation that this one is ready: {e}");
             }
         }
-        Pin::new(&mut self.outcome)
-            .poll(cx)
+        self.outcome
+            .poll_recv(cx)
             .map(|r| r.unwrap_or(Err(RestartError::LoopGone)))
     }
 }
@@ -189,7 +192,7 @@ fn start<T: Transport>(
         control,
         record: Record::new(T::KIND),
     };
-    let (outcome_tx, outcome) = oneshot::channel();
+    let (outcome_tx, outcome) = mpsc::channel(1);
     tokio::spawn(restart_loop.run(outcome_tx));
     Ok(RestartTask {
         outcome,
@@ -248,6 +251,10 @@ struct Record {
     kind: control::LifecycleKind,
     in_progress: bool,
     last: Option<LastRestart>,
+    /// The new generation on probation, while one is.
+    probation: Option<u32>,
+    /// Whether this generation waits to be confirmed by the one that started it.
+    awaiting_confirmation: bool,
 }
 
 impl Record {
@@ -256,6 +263,8 @@ impl Record {
             kind,
             in_progress: false,
             last: None,
+            probation: None,
+            awaiting_confirmation: false,
         }
     }
 
@@ -268,6 +277,11 @@ impl Record {
             restart_in_progress: self.in_progress,
             last_result: self.last.clone(),
             state_on_start: crate::lifecycle::state_on_start(),
+            probation: match (self.probation, self.awaiting_confirmation) {
+                (Some(pid), _) => Some(Probation::Successor(pid)),
+                (None, true) => Some(Probation::This),
+                (None, false) => None,
+            },
         }
     }
 }
@@ -289,11 +303,12 @@ struct Loop<T> {
 }
 
 impl<T: Transport> Loop<T> {
-    async fn run(mut self, outcome: oneshot::Sender<Result<Handover, RestartError>>) {
+    async fn run(mut self, outcome: mpsc::Sender<Result<Handover, RestartError>>) {
         let mut pending = self.wait_until_ready().await;
         let stop_control = self.serve_control();
         self.transport.after_ready().await;
         self.release_unclaimed();
+        self.await_confirmation().await;
         loop {
             let initiator = match pending.take() {
                 Some(initiator) => initiator,
@@ -303,20 +318,14 @@ impl<T: Transport> Loop<T> {
                 },
             };
             let started = Instant::now();
-            let (result, stop) = self.restart_once(&initiator).await;
+            let (result, stop) = self.restart_once(initiator, &outcome).await;
             pending = stop;
             let elapsed = started.elapsed();
             match result {
-                Ok(handover) => {
-                    tracing::info!(?elapsed, new_pid = ?handover.new_pid(), "restart succeeded; draining");
+                Ok((new_pid, link)) => {
+                    tracing::info!(?elapsed, ?new_pid, "restart succeeded; draining");
                     stop_control.cancel();
-                    let new_pid = handover.new_pid();
-                    self.transport.answer(initiator, &handover).await;
-                    // The application stops accepting, then the initiator hears (a dropped
-                    // task drops the handover: that counts as having stopped).
-                    let delivery = handover.delivery();
-                    let _ = outcome.send(Ok(handover));
-                    delivery.wait(Handover::ANSWER_AT_THE_LATEST).await;
+                    link.delivered(Handover::ANSWER_AT_THE_LATEST).await;
                     self.answer_after_handover(new_pid).await;
                     return;
                 }
@@ -326,9 +335,8 @@ impl<T: Transport> Loop<T> {
                         elapsed_ms: elapsed.as_millis().try_into().unwrap_or(u64::MAX),
                         reason: e.to_string(),
                     });
-                    initiator.respond(Err(e.clone())).await;
                     if self.ctx.config.exit_on_error {
-                        let _ = outcome.send(Err(e));
+                        let _ = outcome.send(Err(e)).await;
                         return;
                     }
                 }
@@ -355,6 +363,24 @@ impl<T: Transport> Loop<T> {
         }
     }
 
+    /// A generation on probation (its parent generation handed it a confirmation pipe) waits
+    /// to be confirmed before it restarts itself: until then a request is "in progress".
+    async fn await_confirmation(&mut self) {
+        let Ok(Some(fd)) = inherit::take(inherit::CONFIRM_FD) else {
+            return;
+        };
+        self.record.awaiting_confirmation = true;
+        let confirmed = async move {
+            // `C`, or the end of the pipe (the parent is gone: nothing to roll back to).
+            if let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+                let _ = tokio::io::AsyncReadExt::read(&mut pipe, &mut [0u8; 8]).await;
+            }
+        };
+        let ((), _stop) = while_busy(&mut self.commands, &self.record, confirmed).await;
+        self.record.awaiting_confirmation = false;
+        readiness::confirmed();
+    }
+
     /// Starts serving the control socket; the token stops it.
     fn serve_control(&mut self) -> CancellationToken {
         let stop = CancellationToken::new();
@@ -372,6 +398,9 @@ impl<T: Transport> Loop<T> {
     /// Closes the inherited descriptors this generation did not take, and tells the transport.
     fn release_unclaimed(&mut self) {
         for name in inherit::unclaimed() {
+            if name == inherit::CONFIRM_FD {
+                continue;
+            }
             tracing::info!(
                 name,
                 "releasing an inherited descriptor this generation did not take"
@@ -393,19 +422,21 @@ impl<T: Transport> Loop<T> {
         }
     }
 
-    /// Runs one restart. Meanwhile other requests are refused ("in progress") and a stop is
-    /// kept, to be run if this restart fails.
+    /// Runs one restart to its final outcome: the new generation ready, the application told
+    /// (it stops accepting), the probation over. On success, returns the new PID and what sees
+    /// the initiator's answer out; on failure the initiator was answered. Meanwhile other
+    /// requests are refused ("in progress") and a stop is kept, to be run if this one fails.
     async fn restart_once(
         &mut self,
-        initiator: &Initiator,
-    ) -> (Result<Handover, RestartError>, Option<Initiator>) {
+        initiator: Initiator,
+        outcome: &mpsc::Sender<Result<Handover, RestartError>>,
+    ) -> (Result<(Option<u32>, Link), RestartError>, Option<Initiator>) {
         let trigger = match initiator {
             Initiator::Terminate => Trigger::Stop,
             _ => Trigger::Request,
         };
         tracing::info!(trigger = initiator.describe(), "restart requested");
         self.record.in_progress = true;
-        let mut stop = None;
         let Loop {
             ctx,
             transport,
@@ -413,26 +444,34 @@ impl<T: Transport> Loop<T> {
             record,
             ..
         } = self;
-        let restart = transport.restart(ctx, trigger);
-        tokio::pin!(restart);
-        let result = loop {
-            tokio::select! {
-                r = &mut restart => break r,
-                Some(cmd) = commands.recv() => match cmd {
-                    Command::Status(tx) => { let _ = tx.send(record.status(true)); }
-                    Command::Restart(other) => {
-                        tracing::warn!("{}: a restart is already in progress", other.describe());
-                        match other {
-                            // systemd is stopping us: stop once this restart is over, if it failed.
-                            Initiator::Terminate => stop = Some(other),
-                            other => respond_later(other, Err(RestartError::InProgress)),
-                        }
-                    }
-                },
+        let (result, stop) = while_busy(commands, record, transport.restart(ctx, trigger)).await;
+        let handover = match result {
+            Ok(handover) => handover,
+            Err(e) => {
+                self.record.in_progress = false;
+                initiator.respond(Err(e.clone())).await;
+                return (Err(e), stop);
             }
         };
+        let new_pid = handover.new_pid();
+        let link = handover.link();
+        self.transport.answer(initiator, &handover).await;
+        // The application stops accepting; a dropped task drops the handover, which counts
+        // as having stopped.
+        let _ = outcome.send(Ok(handover)).await;
+        self.record.probation = new_pid;
+        let probation = self.ctx.config.probation;
+        let Loop {
+            transport,
+            commands,
+            record,
+            ..
+        } = self;
+        let (verdict, more) = while_busy(commands, record, transport.probation(probation)).await;
         self.record.in_progress = false;
-        (result, stop)
+        self.record.probation = None;
+        link.verdict(verdict.clone());
+        (verdict.map(|()| (new_pid, link)), stop.or(more))
     }
 
     /// After the handover: requests that queued up meanwhile were satisfied by this restart
@@ -454,6 +493,34 @@ impl<T: Transport> Loop<T> {
     }
 }
 
+/// Runs `work` while this generation is busy (restarting, or on probation): status requests
+/// are answered, restart requests refused "in progress", and a stop (SIGTERM under systemd) is
+/// kept for when `work` is done.
+async fn while_busy<F: Future>(
+    commands: &mut mpsc::Receiver<Command>,
+    record: &Record,
+    work: F,
+) -> (F::Output, Option<Initiator>) {
+    tokio::pin!(work);
+    let mut stop = None;
+    loop {
+        tokio::select! {
+            r = &mut work => return (r, stop),
+            Some(cmd) = commands.recv() => match cmd {
+                Command::Status(tx) => { let _ = tx.send(record.status(true)); }
+                Command::Restart(other) => {
+                    tracing::warn!("{}: a restart is already in progress", other.describe());
+                    match other {
+                        // systemd is stopping us: stop once this is over.
+                        Initiator::Terminate => stop = Some(other),
+                        other => respond_later(other, Err(RestartError::InProgress)),
+                    }
+                }
+            },
+        }
+    }
+}
+
 /// The loop's decisions, with scripted successors: no process is started.
 #[cfg(test)]
 mod tests {
@@ -466,7 +533,7 @@ mod tests {
 
     use super::*;
     use crate::lifecycle::LifecycleHandler;
-    use crate::outcome::{ExitStatus, SuccessorFailure};
+    use crate::outcome::{ExitStatus, ProbationFailure, SuccessorFailure};
     use crate::state::StateWriter;
     use crate::successor::Launcher;
     use crate::successor::fake::{FakeLauncher, Script};
@@ -502,7 +569,7 @@ mod tests {
         commands: mpsc::Sender<Command>,
         handle: RestartHandle,
         ready: watch::Sender<bool>,
-        outcome: oneshot::Receiver<Result<Handover, RestartError>>,
+        outcome: mpsc::Receiver<Result<Handover, RestartError>>,
         launcher: FakeLauncher,
         hooks: Hooks,
     }
@@ -522,7 +589,7 @@ mod tests {
     ) -> Harness {
         let (commands_tx, commands) = mpsc::channel(16);
         let (ready, ready_rx) = watch::channel(false);
-        let (outcome_tx, outcome) = oneshot::channel();
+        let (outcome_tx, outcome) = mpsc::channel(1);
         let restart_loop = Loop {
             ctx: Context {
                 config,
@@ -600,7 +667,9 @@ mod tests {
         /// the application stops accepting and says so, then the initiator hears.
         async fn restart_and_hand_over(&mut self) -> (Option<u32>, Handover) {
             let restart = self.restart_in_background();
-            let handover = (&mut self.outcome)
+            let handover = self
+                .outcome
+                .recv()
                 .await
                 .expect("outcome")
                 .expect("a handover");
@@ -772,7 +841,7 @@ mod tests {
         cfg.exit_on_error = true;
         let mut h = fork_exec(vec![Script::Exits(1)], cfg, Hooks::default());
         let told = h.handle.restart().await.unwrap_err();
-        let outcome = (&mut h.outcome).await.expect("outcome").unwrap_err();
+        let outcome = h.outcome.recv().await.expect("outcome").unwrap_err();
         assert_eq!(told.to_string(), outcome.to_string());
         assert!(
             matches!(outcome, RestartError::Successor { .. }),
@@ -786,7 +855,7 @@ mod tests {
         assert!(h.handle.restart().await.is_err());
         assert!(matches!(
             h.outcome.try_recv(),
-            Err(oneshot::error::TryRecvError::Empty)
+            Err(mpsc::error::TryRecvError::Empty)
         ));
     }
 
@@ -836,7 +905,7 @@ mod tests {
         assert_eq!(h.hooks(), (1, 1));
         assert!(matches!(
             h.outcome.try_recv(),
-            Err(oneshot::error::TryRecvError::Empty)
+            Err(mpsc::error::TryRecvError::Empty)
         ));
     }
 
@@ -855,7 +924,7 @@ mod tests {
             Err(RestartError::Rejected { .. })
         ));
         // The stop ran once the refused restart was over: no validation, exit status 0.
-        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        let handover = h.outcome.recv().await.expect("outcome").expect("handover");
         assert_eq!((handover.new_pid(), handover.exit_code()), (None, 0));
         assert_eq!(
             h.launcher.launched().len(),
@@ -876,7 +945,7 @@ mod tests {
         h.send(Initiator::Terminate).await;
         assert!(h.outcome.try_recv().is_err(), "not before ready");
         h.ready.send_replace(true);
-        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        let handover = h.outcome.recv().await.expect("outcome").expect("handover");
         assert_eq!(handover.exit_code(), 0);
     }
 
@@ -888,7 +957,7 @@ mod tests {
             Hooks::default(),
         );
         let restart = h.restart_in_background();
-        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        let handover = h.outcome.recv().await.expect("outcome").expect("handover");
         // From here on, no I/O is left: virtual time is exact.
         tokio::time::pause();
         tokio::time::sleep(Handover::ANSWER_AT_THE_LATEST / 2).await;
@@ -901,7 +970,7 @@ mod tests {
     async fn an_application_that_never_says_it_stopped_accepting_delays_the_answer_only_so_long() {
         let mut h = fork_exec(vec![Script::Ready], config(LONG), Hooks::default());
         let restart = h.restart_in_background();
-        let _handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        let _handover = h.outcome.recv().await.expect("outcome").expect("handover");
         tokio::time::pause();
         tokio::time::sleep(Handover::ANSWER_AT_THE_LATEST + Duration::from_millis(1)).await;
         assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
@@ -911,7 +980,7 @@ mod tests {
     async fn dropping_the_handover_counts_as_having_stopped_accepting() {
         let mut h = fork_exec(vec![Script::Ready], config(LONG), Hooks::default());
         let restart = h.restart_in_background();
-        drop((&mut h.outcome).await.expect("outcome").expect("handover"));
+        drop(h.outcome.recv().await.expect("outcome").expect("handover"));
         tokio::time::pause();
         assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
     }
@@ -924,7 +993,7 @@ mod tests {
             Hooks::default(),
         );
         let restart = h.restart_in_background();
-        let handover = (&mut h.outcome).await.expect("outcome").expect("handover");
+        let handover = h.outcome.recv().await.expect("outcome").expect("handover");
         let late = h.restart_in_background();
         tokio::task::yield_now().await;
         handover.accepting_stopped();
@@ -934,6 +1003,155 @@ mod tests {
             Some(1000)
         );
         assert_eq!(h.launcher.launched().len(), 1, "no second restart");
+    }
+
+    fn on_probation(probation: Duration) -> RestartConfig {
+        RestartConfig {
+            probation,
+            ..config(LONG)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_successor_that_survives_its_probation_is_confirmed() {
+        let mut h = fork_exec(
+            vec![Script::Ready],
+            on_probation(Duration::from_millis(50)),
+            Hooks::default(),
+        );
+        let restart = h.restart_in_background();
+        let handover = h.outcome.recv().await.expect("outcome").expect("handover");
+        handover.accepting_stopped();
+        handover.confirmed().await.expect("confirmed");
+        assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
+        let launched = h.launcher.launched();
+        assert!(launched[0].confirmed && launched[0].reaped_in_background);
+    }
+
+    #[tokio::test]
+    async fn a_successor_that_dies_during_probation_is_rolled_back() {
+        let mut h = fork_exec(
+            vec![
+                Script::DiesAfterReady(70, Duration::from_millis(30)),
+                Script::Ready,
+            ],
+            on_probation(Duration::from_millis(300)),
+            Hooks::default(),
+        );
+        let restart = h.restart_in_background();
+        let handover = h.outcome.recv().await.expect("outcome").expect("handover");
+        handover.accepting_stopped();
+        let verdict = handover.confirmed().await.unwrap_err();
+        assert!(
+            matches!(
+                verdict,
+                RestartError::RolledBack {
+                    pid: 1000,
+                    failure: ProbationFailure::Exited(ExitStatus::Code(70)),
+                    ..
+                }
+            ),
+            "{verdict:?}"
+        );
+        let told = restart.await.expect("join").unwrap_err();
+        assert!(
+            told.to_string()
+                .starts_with("rolled back: new process 1000 exited with status 70, "),
+            "{told}"
+        );
+        assert!(
+            told.to_string().ends_with(" ms after it was ready"),
+            "{told}"
+        );
+        let status = h.status().await;
+        assert!(
+            !status.restart_in_progress && status.probation.is_none(),
+            "{status:?}"
+        );
+        assert!(
+            status
+                .last_result
+                .expect("last")
+                .to_string()
+                .contains("rolled back")
+        );
+        assert!(!h.launcher.launched()[0].confirmed);
+        // This generation serves again, and the same task resolves on the next restart.
+        assert_eq!(h.restart_and_hand_over().await.0, Some(1001));
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_report_during_probation_rolls_back_with_its_reason() {
+        let mut h = fork_exec(
+            vec![Script::UnhealthyAfterReady(
+                "database unreachable".into(),
+                Duration::from_millis(10),
+            )],
+            on_probation(Duration::from_secs(30)),
+            Hooks::default(),
+        );
+        let restart = h.restart_in_background();
+        let handover = h.outcome.recv().await.expect("outcome").expect("handover");
+        let verdict = handover.confirmed().await.unwrap_err();
+        assert!(
+            matches!(&verdict, RestartError::RolledBack { failure: ProbationFailure::Unhealthy(r), .. } if r == "database unreachable"),
+            "{verdict:?}"
+        );
+        // Rolled back: the initiator hears at once, accepting stopped or not.
+        assert!(restart.await.expect("join").is_err());
+        assert!(h.launcher.launched()[0].killed);
+    }
+
+    #[tokio::test]
+    async fn during_probation_status_shows_it_and_restarts_are_in_progress() {
+        let mut h = fork_exec(
+            vec![Script::Ready],
+            on_probation(Duration::from_millis(300)),
+            Hooks::default(),
+        );
+        let restart = h.restart_in_background();
+        let handover = h.outcome.recv().await.expect("outcome").expect("handover");
+        handover.accepting_stopped();
+        let status = h.status().await;
+        assert_eq!(
+            status.probation,
+            Some(Probation::Successor(1000)),
+            "{status:?}"
+        );
+        assert!(status.restart_in_progress);
+        assert!(matches!(
+            h.handle.restart().await,
+            Err(RestartError::InProgress)
+        ));
+        handover.confirmed().await.expect("confirmed");
+        assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
+    }
+
+    #[tokio::test]
+    async fn a_death_after_the_probation_is_not_a_rollback() {
+        let mut h = fork_exec(
+            vec![Script::DiesAfterReady(70, Duration::from_millis(200))],
+            on_probation(Duration::from_millis(50)),
+            Hooks::default(),
+        );
+        let (pid, handover) = h.restart_and_hand_over().await;
+        assert_eq!(pid, Some(1000));
+        handover.confirmed().await.expect("confirmed");
+    }
+
+    #[tokio::test]
+    async fn the_initiator_hears_only_after_the_probation() {
+        let mut h = fork_exec(
+            vec![Script::Ready],
+            on_probation(Duration::from_millis(200)),
+            Hooks::default(),
+        );
+        let restart = h.restart_in_background();
+        let handover = h.outcome.recv().await.expect("outcome").expect("handover");
+        handover.accepting_stopped();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!restart.is_finished(), "answered during the probation");
+        assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
     }
 
     /// The seam is the only way the loop reaches a successor.

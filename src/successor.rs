@@ -31,8 +31,8 @@ use tokio::io::AsyncReadExt;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
-use crate::inherit::{self, FIRST_FD, MAX_REASON, Mode, READY_FD, ReadyLine};
-use crate::outcome::{ExitStatus, SuccessorFailure};
+use crate::inherit::{self, CONFIRM_FD, FIRST_FD, MAX_REASON, Mode, READY_FD, ReadyLine};
+use crate::outcome::{ExitStatus, ProbationFailure, SuccessorFailure};
 use crate::registry::{Kind, Registry, classify};
 
 /// Starts successors.
@@ -62,6 +62,15 @@ pub(crate) trait Child: Send + 'static {
 
     /// Kills it and reaps it: no zombie is left behind.
     fn kill_and_reap(&mut self) -> impl Future<Output = ExitStatus> + Send;
+
+    /// After it is ready: waits `probation`, or until it exits or reports itself unhealthy.
+    fn watch_probation(
+        &mut self,
+        probation: Duration,
+    ) -> impl Future<Output = Result<(), ProbationFailure>> + Send;
+
+    /// Tells it that it survived its probation: it is the service now.
+    fn confirm(&mut self);
 
     /// After a successful handover: reaps it whenever it exits, so that a generation that
     /// outlives its successor (a long drain) never leaves a zombie.
@@ -243,6 +252,16 @@ impl Launcher for Spawner {
         }
         names.push(READY_FD.into());
         fds.push(ready_w);
+        // The confirmation pipe: its write end stays here, for the end of the probation.
+        let confirm = match mode {
+            Mode::Serve => {
+                let (confirm_r, confirm_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+                names.push(CONFIRM_FD.into());
+                fds.push(confirm_r);
+                Some(confirm_w)
+            }
+            Mode::Validate => None,
+        };
         let generation = inherit::generation().saturating_add(1);
         let env = inherit::successor_environment(&self.environment, &names, generation, mode);
         let mut argv: Vec<OsString> = std::env::args_os().collect();
@@ -267,6 +286,7 @@ impl Launcher for Spawner {
             pidfd: unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
                 .map_err(io::Error::from)?,
             ready,
+            confirm,
             status: None,
             handed_over: false,
         })
@@ -282,6 +302,8 @@ pub(crate) struct Process {
     pid: Pid,
     pidfd: AsyncFd<OwnedFd>,
     ready: tokio::net::unix::pipe::Receiver,
+    /// The write end of its confirmation pipe.
+    confirm: Option<OwnedFd>,
     /// How it ended, once reaped.
     status: Option<ExitStatus>,
     /// Whether it took over (then it is the service, and nothing here may stop it).
@@ -325,6 +347,38 @@ impl Child for Process {
     async fn kill_and_reap(&mut self) -> ExitStatus {
         self.stop_group();
         self.reap().await
+    }
+
+    async fn watch_probation(&mut self, probation: Duration) -> Result<(), ProbationFailure> {
+        let mut line = Vec::new();
+        let mut ready_open = true;
+        let deadline = tokio::time::sleep(probation);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.pidfd.readable() => {
+                    let status = self.kill_and_reap().await;
+                    return Err(ProbationFailure::Exited(status));
+                }
+                more = read_line(&mut self.ready, &mut line), if ready_open => {
+                    if let Some(ReadyLine::Failed(reason)) = ReadyLine::decode(&line) {
+                        self.kill_and_reap().await;
+                        return Err(ProbationFailure::Unhealthy(reason));
+                    }
+                    // End of file without a word: only its exit (above) says more.
+                    ready_open = more;
+                    line.clear();
+                }
+                _ = &mut deadline => return Ok(()),
+            }
+        }
+    }
+
+    fn confirm(&mut self) {
+        if let Some(fd) = self.confirm.take() {
+            let _ = nix::unistd::write(&fd, b"C\n");
+        }
     }
 
     fn reap_in_background(mut self) {
@@ -456,6 +510,10 @@ pub(crate) mod fake {
         Hangs,
         /// Cannot be started at all.
         FailsToStart,
+        /// Ready, then exits with this status this long after.
+        DiesAfterReady(i32, Duration),
+        /// Ready, then reports itself unhealthy this long after.
+        UnhealthyAfterReady(String, Duration),
     }
 
     /// One successor the fake started, as the test sees it afterwards.
@@ -467,6 +525,7 @@ pub(crate) mod fake {
         pub(crate) state: Option<Vec<u8>>,
         pub(crate) killed: bool,
         pub(crate) reaped_in_background: bool,
+        pub(crate) confirmed: bool,
     }
 
     #[derive(Default)]
@@ -537,7 +596,13 @@ pub(crate) mod fake {
                 .map(|(_, fd)| fd);
             // A successor that exits closes its end of the state; one that lives reads it.
             let state = match (&script, state_fd) {
-                (Script::Ready | Script::Hangs, Some(fd)) => Some(tokio::spawn(read_state(fd))),
+                (
+                    Script::Ready
+                    | Script::Hangs
+                    | Script::DiesAfterReady(..)
+                    | Script::UnhealthyAfterReady(..),
+                    Some(fd),
+                ) => Some(tokio::spawn(read_state(fd))),
                 _ => None,
             };
             Ok(FakeChild {
@@ -580,7 +645,7 @@ pub(crate) mod fake {
 
         async fn wait_ready(&mut self, timeout: Duration) -> Result<(), SuccessorFailure> {
             match self.script.clone() {
-                Script::Ready => {
+                Script::Ready | Script::DiesAfterReady(..) | Script::UnhealthyAfterReady(..) => {
                     self.take_state().await;
                     Ok(())
                 }
@@ -604,6 +669,29 @@ pub(crate) mod fake {
             }
             self.update(|l| l.killed = true);
             ExitStatus::Signal(Signal::SIGKILL)
+        }
+
+        async fn watch_probation(&mut self, probation: Duration) -> Result<(), ProbationFailure> {
+            match self.script.clone() {
+                Script::DiesAfterReady(code, after) if after < probation => {
+                    tokio::time::sleep(after).await;
+                    self.update(|l| l.killed = true);
+                    Err(ProbationFailure::Exited(ExitStatus::Code(code)))
+                }
+                Script::UnhealthyAfterReady(reason, after) if after < probation => {
+                    tokio::time::sleep(after).await;
+                    self.kill_and_reap().await;
+                    Err(ProbationFailure::Unhealthy(reason))
+                }
+                _ => {
+                    tokio::time::sleep(probation).await;
+                    Ok(())
+                }
+            }
+        }
+
+        fn confirm(&mut self) {
+            self.update(|l| l.confirmed = true);
         }
 
         fn reap_in_background(self) {

@@ -7,6 +7,7 @@
 //! `fork_exec::ForkExec` and `systemd::Systemd`.
 
 use std::future::Future;
+use std::time::Duration;
 
 use crate::config::RestartConfig;
 use crate::control::{Initiator, LifecycleKind};
@@ -53,15 +54,28 @@ pub(crate) trait Transport: Send + 'static {
         trigger: Trigger,
     ) -> impl Future<Output = Result<Handover, RestartError>> + Send;
 
-    /// Arranges the answer to the initiator of a successful restart: by default the new PID,
-    /// once this generation stopped accepting (see [`Handover::accepting_stopped`]).
+    /// Arranges the answer to the initiator of a successful restart: by default the new PID
+    /// once this generation stopped accepting and the new one is confirmed (see
+    /// [`Handover::accepting_stopped`]), or the rollback's reason.
     fn answer(
         &mut self,
         initiator: Initiator,
         handover: &Handover,
     ) -> impl Future<Output = ()> + Send {
         let new_pid = handover.new_pid();
-        handover.answer_once_accepting_stopped(move || initiator.respond_now(Ok(new_pid)));
+        handover.answer_with_verdict(move |verdict| {
+            initiator.respond_now(verdict.map(|()| new_pid));
+        });
         std::future::ready(())
+    }
+
+    /// After a successful restart, while this generation no longer accepts: whether the new
+    /// generation survives a probation of this long (`Err` is a rollback: this generation
+    /// serves again). By default there is none.
+    fn probation(
+        &mut self,
+        _probation: Duration,
+    ) -> impl Future<Output = Result<(), RestartError>> + Send {
+        std::future::ready(Ok(()))
     }
 }

@@ -627,6 +627,13 @@ impl Service {
         self.gen0.id()
     }
 
+    /// Waits for generation 0 (a child of the test) to exit, and reaps it.
+    pub fn wait_gen0_exit(&mut self) -> ExitStatus {
+        self.gen0
+            .wait_timeout(DEADLINE)
+            .unwrap_or_else(|| panic!("generation 0 did not exit:\n{}", self.log_text()))
+    }
+
     /// The stderr (and stdout) of every generation.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
