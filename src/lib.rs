@@ -93,6 +93,40 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # With `#[tokio::main]` and frameworks
+//!
+//! `#[tokio::main]` works: the runtime's threads exist before `main`'s body runs, so skip
+//! [`init_from_env`] there (the library reads its variables on first use and never passes them
+//! to a process it starts itself; only programs you start with `std::process::Command` would
+//! still see them, harmlessly). A framework that takes a shutdown future gets
+//! [`RestartTask::restart_or_terminate`]: it resolves on a restart or on SIGTERM, and declares
+//! readiness when first polled. A task that is never polled never declares readiness: the
+//! library warns about it after a few seconds.
+//!
+//! ```no_run
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let config = shellflip::RestartConfig::default();
+//!     let listener = config.registry.tcp_listener("http", "127.0.0.1:8080".parse()?)?;
+//!     let listener = tokio::net::TcpListener::from_std(listener)?;
+//!     let mut restart = config.try_into_restart_task()?;
+//!     let stop = tokio::select! {
+//!         stop = restart.restart_or_terminate() => stop?,
+//!         _ = async { loop { let _ = listener.accept().await; } } => unreachable!(),
+//!     };
+//!     drop(listener);
+//!     if let shellflip::Stop::Restart(handover) = &stop {
+//!         handover.accepting_stopped();
+//!     }
+//!     // ... drain
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The state is a snapshot taken when the old generation writes it: what that generation
+//! changes afterwards (it still serves while it drains) does not cross. Carry such changes
+//! another way, or stop changing them once [`LifecycleHandler::send_to_new_process`] ran.
+//!
 //! # Restart thread
 //!
 //! Successors are started by a thread created with the restart task, with `posix_spawn`: if the
@@ -144,7 +178,7 @@ pub use outcome::{
 };
 pub use readiness::{report_startup_failure, report_unhealthy, startup_complete};
 pub use registry::{Kind, Registry, RegistryError};
-pub use restart::{RestartHandle, RestartTask};
+pub use restart::{RestartHandle, RestartTask, Stop};
 pub use shutdown::{ShutdownCoordinator, ShutdownHandle, ShutdownSignal};
 pub use state::{StateError, StateReader, StateWriter};
 

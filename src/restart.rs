@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -49,6 +49,18 @@ pub struct RestartTask {
     outcome: mpsc::Receiver<Result<Handover, RestartError>>,
     handle: RestartHandle,
     declared_ready: bool,
+    /// Whether SIGTERM is the library's (a restart, in the systemd lifecycle).
+    sigterm_is_a_restart: bool,
+}
+
+/// What ends this generation's service: see [`RestartTask::restart_or_terminate`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Stop {
+    /// A restart: a new generation serves (or, in the systemd lifecycle, is about to).
+    Restart(Handover),
+    /// SIGTERM (fork/exec lifecycle): the service stops for good.
+    Terminate,
 }
 
 impl std::fmt::Debug for RestartTask {
@@ -61,6 +73,45 @@ impl RestartTask {
     /// A handle to ask for a restart or the status from inside the application.
     pub fn handle(&self) -> RestartHandle {
         self.handle.clone()
+    }
+
+    /// Resolves on a restart or on SIGTERM, whichever comes first: in both cases the
+    /// application stops accepting and drains. This is the future to give a framework's
+    /// graceful shutdown (axum's `with_graceful_shutdown`, tonic's
+    /// `serve_with_incoming_shutdown`). Like polling the task, it declares readiness.
+    ///
+    /// In the systemd lifecycle SIGTERM is systemd's restart (or stop), which the library
+    /// handles: it resolves as [`Stop::Restart`] once the state is written.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(mut restart: shellflip::RestartTask) -> Result<(), shellflip::RestartError> {
+    /// match restart.restart_or_terminate().await? {
+    ///     shellflip::Stop::Restart(handover) => { /* stop accepting, drain, exit with handover.exit_code() */ }
+    ///     shellflip::Stop::Terminate => { /* stop accepting, drain, exit 0 */ }
+    ///     _ => {}
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn restart_or_terminate(&mut self) -> Result<Stop, RestartError> {
+        let mut terminate = match self.sigterm_is_a_restart {
+            true => None,
+            false => Some(
+                signal(SignalKind::terminate())
+                    .map_err(|e| RestartError::os("installing a SIGTERM handler", e))?,
+            ),
+        };
+        let term = async {
+            match &mut terminate {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            outcome = self => outcome.map(Stop::Restart),
+            _ = term => Ok(Stop::Terminate),
+        }
     }
 }
 
@@ -194,13 +245,39 @@ fn start<T: Transport>(
     };
     let (outcome_tx, outcome) = mpsc::channel(1);
     tokio::spawn(restart_loop.run(outcome_tx));
+    warn_if_never_ready();
     Ok(RestartTask {
         outcome,
         handle: RestartHandle {
             commands: commands_tx,
         },
         declared_ready: false,
+        sigterm_is_a_restart: T::RESTARTS_ON_SIGTERM,
     })
+}
+
+/// How long after the restart task was created a generation that has not declared itself ready
+/// is warned about.
+const READY_WARNING: Duration = Duration::from_secs(5);
+
+/// Says loudly when readiness was never declared: a framework that owns the restart task may
+/// never poll it (say, inside `async { ctrl_c().await; task.await }`), and then every restart
+/// times out in the previous generation without a word here.
+fn warn_if_never_ready() {
+    let mut ready = readiness::subscribe();
+    tokio::spawn(async move {
+        if tokio::time::timeout(READY_WARNING, ready.wait_for(|r| *r))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "this generation has not declared itself ready {READY_WARNING:?} after its \
+                 restart task was created: poll the RestartTask (or use \
+                 RestartTask::restart_or_terminate), or call shellflip::startup_complete(); until \
+                 then the previous generation keeps waiting and restarts are refused"
+            );
+        }
+    });
 }
 
 /// Turns the restart signal (and SIGTERM, when the transport restarts on it) into requests.
@@ -1152,6 +1229,50 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!restart.is_finished(), "answered during the probation");
         assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
+    }
+
+    /// The task the application polls, over the harness's loop.
+    fn task(h: &mut Harness, sigterm_is_a_restart: bool) -> RestartTask {
+        let (_, unused) = mpsc::channel(1);
+        RestartTask {
+            outcome: std::mem::replace(&mut h.outcome, unused),
+            handle: h.handle.clone(),
+            declared_ready: true,
+            sigterm_is_a_restart,
+        }
+    }
+
+    #[tokio::test]
+    async fn restart_or_terminate_resolves_on_a_restart() {
+        let mut h = fork_exec(vec![Script::Ready], config(LONG), Hooks::default());
+        let mut task = task(&mut h, false);
+        let restart = h.restart_in_background();
+        let stop = task.restart_or_terminate().await.expect("a stop");
+        let Stop::Restart(handover) = stop else {
+            panic!("expected a restart, got {stop:?}")
+        };
+        handover.accepting_stopped();
+        assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
+    }
+
+    #[tokio::test]
+    async fn restart_or_terminate_resolves_on_sigterm_in_fork_exec() {
+        use nix::sys::signal::{Signal, raise};
+        // A handler first, so that the signal can never end the test process.
+        let _keep = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut h = fork_exec(vec![], config(LONG), Hooks::default());
+        let mut task = task(&mut h, false);
+        let waiter = tokio::spawn(async move { task.restart_or_terminate().await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        raise(Signal::SIGTERM).expect("raise");
+        let stop = waiter.await.expect("join").expect("a stop");
+        assert!(matches!(stop, Stop::Terminate), "{stop:?}");
+        assert!(
+            h.launcher.launched().is_empty(),
+            "SIGTERM is no restart here"
+        );
     }
 
     /// The seam is the only way the loop reaches a successor.

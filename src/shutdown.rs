@@ -128,6 +128,25 @@ impl ShutdownCoordinator {
         self.handle.signal.clone()
     }
 
+    /// Signals every task that shutdown started, without waiting: for a server that drains on
+    /// its own (a framework's graceful shutdown) while this coordinator's tasks finish too.
+    /// [`shutdown`](Self::shutdown) later waits for them. Calling it again does nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let coordinator = shellflip::ShutdownCoordinator::new();
+    /// let signal = coordinator.signal();
+    /// coordinator.begin_shutdown();
+    /// assert!(signal.is_shutting_down());
+    /// coordinator.shutdown().await; // no task holds a handle: returns at once
+    /// # }
+    /// ```
+    pub fn begin_shutdown(&self) {
+        self.token.cancel();
+    }
+
     /// Signals every task and waits until all handles were dropped. Stop accepting new work
     /// (drop listeners) first.
     pub async fn shutdown(mut self) {
