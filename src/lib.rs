@@ -152,6 +152,7 @@ mod fork_exec;
 pub mod http;
 mod inherit;
 pub mod lifecycle;
+mod listen;
 mod notify;
 mod outcome;
 mod readiness;
@@ -173,6 +174,7 @@ pub use lifecycle::{
     LifecycleHandler, NullLifecycleHandler, PipeReader, PipeWriter, receive_from_old_process,
     try_receive_from_old_process,
 };
+pub use listen::{Configure, ListenOptions};
 pub use outcome::{
     ExitStatus, Handover, ProbationFailure, RestartError, SetupError, SuccessorFailure,
 };

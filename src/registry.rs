@@ -23,6 +23,7 @@ use nix::sys::socket::{
 };
 
 use crate::inherit::{self, InheritError, RESERVED_PREFIX};
+use crate::listen::ListenOptions;
 
 /// What a registered descriptor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,11 +167,35 @@ impl Registry {
     }
 
     /// The TCP listener called `name`: inherited if a previous generation had it, else bound
-    /// to `addr` now. Port 0 matches whatever port the inherited listener has.
+    /// to `addr` now, with a backlog of the system's maximum. Port 0 matches whatever port the
+    /// inherited listener has.
     pub fn tcp_listener(&self, name: &str, addr: SocketAddr) -> Result<TcpListener, RegistryError> {
-        let fd = self.named(name, Kind::TcpListener, None, || {
-            TcpListener::bind(addr).map(OwnedFd::from)
-        })?;
+        self.tcp_listener_with(name, addr, &ListenOptions::default())
+    }
+
+    /// Like [`tcp_listener`](Self::tcp_listener), with socket options (`SO_REUSEPORT`,
+    /// `IPV6_V6ONLY`, the backlog, ...): set when the socket is bound, kept by every later
+    /// generation; the backlog is applied again to an inherited listener.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let registry = shellflip::Registry::new();
+    /// let options = shellflip::ListenOptions { reuse_port: true, ..Default::default() };
+    /// let listener = registry.tcp_listener_with("http", "127.0.0.1:0".parse()?, &options)?;
+    /// # drop(listener); Ok(()) }
+    /// ```
+    pub fn tcp_listener_with(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        options: &ListenOptions,
+    ) -> Result<TcpListener, RegistryError> {
+        let fd = self.named(name, Kind::TcpListener, None, || options.bind_tcp(addr))?;
+        options
+            .relisten(fd.as_fd())
+            .map_err(|e| io_err("listen", name, e))?;
         let l = TcpListener::from(fd);
         let bound = l.local_addr().map_err(|e| io_err("inspect", name, e))?;
         if !same_address(bound, addr) {
@@ -199,10 +224,19 @@ impl Registry {
 
     /// The UDP socket called `name`: inherited, or bound to `addr` now.
     pub fn udp_socket(&self, name: &str, addr: SocketAddr) -> Result<UdpSocket, RegistryError> {
-        self.named(name, Kind::UdpSocket, None, || {
-            UdpSocket::bind(addr).map(OwnedFd::from)
-        })
-        .map(UdpSocket::from)
+        self.udp_socket_with(name, addr, &ListenOptions::default())
+    }
+
+    /// Like [`udp_socket`](Self::udp_socket), with socket options (buffer sizes,
+    /// `SO_REUSEPORT`, ...), set when the socket is bound and kept by every later generation.
+    pub fn udp_socket_with(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        options: &ListenOptions,
+    ) -> Result<UdpSocket, RegistryError> {
+        self.named(name, Kind::UdpSocket, None, || options.bind_udp(addr))
+            .map(UdpSocket::from)
     }
 
     /// The Unix stream listener called `name`: inherited (its path is never unlinked by a

@@ -18,9 +18,11 @@ use common::{O_CLOEXEC, O_NONBLOCK, fd_flags, proc_stat};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use shellflip::{Origin, Registry, RegistryError, RestartConfig};
+use shellflip::{ListenOptions, Origin, Registry, RegistryError, RestartConfig};
 
 const REPORT: &str = "child-report.txt";
+/// The UDP receive buffer the first generation asks for (the kernel doubles it).
+const UDP_BUFFER: usize = 200_000;
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -44,11 +46,21 @@ fn dir() -> PathBuf {
 async fn parent() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let registry = Registry::new();
+    // Options set in this generation stay with the sockets in the next one.
+    let tcp_options = ListenOptions {
+        reuse_port: true,
+        nodelay: true,
+        ..ListenOptions::default()
+    };
     let tcp = registry
-        .tcp_listener("tcp", "127.0.0.1:0".parse().unwrap())
+        .tcp_listener_with("tcp", "127.0.0.1:0".parse().unwrap(), &tcp_options)
         .unwrap();
+    let udp_options = ListenOptions {
+        recv_buffer: Some(UDP_BUFFER),
+        ..ListenOptions::default()
+    };
     let udp = registry
-        .udp_socket("udp", "127.0.0.1:0".parse().unwrap())
+        .udp_socket_with("udp", "127.0.0.1:0".parse().unwrap(), &udp_options)
         .unwrap();
     let unix_path = tmp.path().join("stream.sock");
     let _unix = registry.unix_listener("unix", &unix_path).unwrap();
@@ -151,6 +163,16 @@ async fn child() {
         if flags & O_CLOEXEC == 0 {
             problems.push(format!("{name} is not close-on-exec"));
         }
+    }
+    use nix::sys::socket::{getsockopt, sockopt};
+    if !getsockopt(&tcp, sockopt::ReusePort).unwrap_or(false) {
+        problems.push("tcp lost SO_REUSEPORT".into());
+    }
+    if !getsockopt(&tcp, sockopt::TcpNoDelay).unwrap_or(false) {
+        problems.push("tcp lost TCP_NODELAY".into());
+    }
+    if getsockopt(&udp, sockopt::RcvBuf).unwrap_or(0) < UDP_BUFFER {
+        problems.push("udp lost its SO_RCVBUF".into());
     }
     let leftover = registry.inherited_names().unwrap();
     if !leftover.is_empty() {
