@@ -122,6 +122,34 @@ impl Spawner {
         })
     }
 
+    /// The registry's descriptors for a successor in `mode`, with their names, copied above
+    /// the range the successor's descriptors will occupy (`more` of the library's own follow
+    /// them), so that the spawner need not copy them again.
+    fn registry_fds(&self, mode: Mode, more: usize) -> io::Result<(Vec<String>, Vec<OwnedFd>)> {
+        self.registry.with_fds(|list| {
+            // A validation run gets the listeners, never the connections: it must not read
+            // from a client the serving generation is still talking to.
+            let list: Vec<_> = list
+                .iter()
+                .filter(|(_, fd)| {
+                    mode == Mode::Serve
+                        || !matches!(classify(*fd), Kind::TcpStream | Kind::UnixStream)
+                })
+                .collect();
+            let names: Vec<String> = list.iter().map(|(n, _)| (*n).to_owned()).collect();
+            let min = FIRST_FD + (list.len() + more) as RawFd;
+            let fds = list
+                .iter()
+                .map(|(_, fd)| {
+                    let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(min))?;
+                    // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it.
+                    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+                })
+                .collect::<nix::Result<Vec<OwnedFd>>>()?;
+            Ok((names, fds))
+        })
+    }
+
     async fn spawn(&self, req: SpawnRequest) -> io::Result<Pid> {
         let (tx, rx) = oneshot::channel();
         self.jobs
@@ -221,47 +249,22 @@ impl Launcher for Spawner {
 
     async fn launch(&self, mode: Mode, extra_fds: Vec<(String, OwnedFd)>) -> io::Result<Process> {
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let extra = extra_fds.len() + 1;
-        let (mut names, mut fds) = self.registry.with_fds(|list| {
-            // A validation run gets the listeners, never the connections: it must not read
-            // from a client the serving generation is still talking to.
-            let list: Vec<_> = list
-                .iter()
-                .filter(|(_, fd)| {
-                    mode == Mode::Serve
-                        || !matches!(classify(*fd), Kind::TcpStream | Kind::UnixStream)
-                })
-                .collect();
-            let names: Vec<String> = list.iter().map(|(n, _)| (*n).to_owned()).collect();
-            // Copied straight above the range the successor's descriptors will occupy, so
-            // that the spawner need not copy them again.
-            let min = FIRST_FD + (list.len() + extra) as RawFd;
-            let fds = list
-                .iter()
-                .map(|(_, fd)| {
-                    let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(min))?;
-                    // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; we own it.
-                    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-                })
-                .collect::<nix::Result<Vec<OwnedFd>>>();
-            fds.map(|f| (names, f))
-        })?;
-        for (name, fd) in extra_fds {
+        // The confirmation pipe: its write end stays here, for the end of the probation.
+        let (confirm_r, confirm) = match mode {
+            Mode::Serve => {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+                (Some(r), Some(w))
+            }
+            Mode::Validate => (None, None),
+        };
+        let mut own = extra_fds;
+        own.push((READY_FD.into(), ready_w));
+        own.extend(confirm_r.map(|fd| (CONFIRM_FD.to_owned(), fd)));
+        let (mut names, mut fds) = self.registry_fds(mode, own.len())?;
+        for (name, fd) in own {
             names.push(name);
             fds.push(fd);
         }
-        names.push(READY_FD.into());
-        fds.push(ready_w);
-        // The confirmation pipe: its write end stays here, for the end of the probation.
-        let confirm = match mode {
-            Mode::Serve => {
-                let (confirm_r, confirm_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-                names.push(CONFIRM_FD.into());
-                fds.push(confirm_r);
-                Some(confirm_w)
-            }
-            Mode::Validate => None,
-        };
         let generation = inherit::generation().saturating_add(1);
         let env = inherit::successor_environment(&self.environment, &names, generation, mode);
         let mut argv: Vec<OsString> = std::env::args_os().collect();
