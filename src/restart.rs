@@ -385,7 +385,12 @@ impl<T: Transport> Loop<T> {
         let stop_control = self.serve_control();
         self.transport.after_ready().await;
         self.release_unclaimed();
-        self.await_confirmation().await;
+        if let Some(first) = self.await_confirmation().await {
+            match pending {
+                None => pending = Some(first),
+                Some(_) => respond_later(first, Err(RestartError::InProgress)),
+            }
+        }
         loop {
             let initiator = match pending.take() {
                 Some(initiator) => initiator,
@@ -441,21 +446,39 @@ impl<T: Transport> Loop<T> {
     }
 
     /// A generation on probation (its parent generation handed it a confirmation pipe) waits
-    /// to be confirmed before it restarts itself: until then a request is "in progress".
-    async fn await_confirmation(&mut self) {
-        let Ok(Some(fd)) = inherit::take(inherit::CONFIRM_FD) else {
-            return;
+    /// to be confirmed before it restarts itself: until then a request is "in progress". The
+    /// parent confirms before it answers its own initiator, so a request that follows that
+    /// answer finds the confirmation already in the pipe. Returns a restart to run first.
+    async fn await_confirmation(&mut self) -> Option<Initiator> {
+        let fd = inherit::take(inherit::CONFIRM_FD).ok().flatten()?;
+        let Ok(pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+            return None;
         };
         self.record.awaiting_confirmation = true;
-        let confirmed = async move {
-            // `C`, or the end of the pipe (the parent is gone: nothing to roll back to).
-            if let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
-                let _ = tokio::io::AsyncReadExt::read(&mut pipe, &mut [0u8; 8]).await;
-            }
+        // `C`, or the end of the pipe (the parent is gone: nothing to roll back to).
+        let confirmed_now = |pipe: &tokio::net::unix::pipe::Receiver| {
+            !matches!(pipe.try_read(&mut [0u8; 8]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         };
-        let ((), _stop) = while_busy(&mut self.commands, &self.record, confirmed).await;
+        let mut first = None;
+        loop {
+            tokio::select! {
+                _ = pipe.readable() => if confirmed_now(&pipe) { break },
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::Status(tx) => { let _ = tx.send(self.record.status(true)); }
+                    Command::Restart(initiator) if confirmed_now(&pipe) => {
+                        first = Some(initiator);
+                        break;
+                    }
+                    Command::Restart(initiator) => {
+                        tracing::warn!("{}: this generation is still on probation", initiator.describe());
+                        respond_later(initiator, Err(RestartError::InProgress));
+                    }
+                },
+            }
+        }
         self.record.awaiting_confirmation = false;
         readiness::confirmed();
+        first
     }
 
     /// Starts serving the control socket; the token stops it.
