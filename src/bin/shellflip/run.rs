@@ -18,7 +18,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -161,8 +161,12 @@ impl Failure {
     }
 }
 
+/// Writes `shellflip run: LINE` to stderr in one `write`, so that it is not split by what the
+/// service writes to the same file at the same time.
 fn log(line: &str) {
-    eprintln!("shellflip run: {line}");
+    use std::io::Write;
+    let text = format!("shellflip run: {line}\n");
+    let _ = io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// Runs `opts.program` under the supervisor until the service ends; returns the exit code.
@@ -265,21 +269,7 @@ impl Shell {
             );
         }
         let (dir, notify) = NotifyDir::create()?;
-        let child = Command::new(&opts.program)
-            .args(&opts.args)
-            .env("NOTIFY_SOCKET", &dir.socket)
-            .spawn()
-            .map_err(|e| Failure {
-                code: match e.kind() {
-                    io::ErrorKind::NotFound => EXIT_NOT_FOUND,
-                    io::ErrorKind::PermissionDenied => EXIT_CANNOT_EXECUTE,
-                    _ => EXIT_SETUP,
-                },
-                message: format!("cannot run {:?}: {e}", opts.program),
-            })?;
-        let program = child.id() as Pid;
-        // Reaped by the waitpid(-1) loop, as every other process of the service.
-        drop(child);
+        let program = spawn(opts, &dir.socket)?;
         log(&format!(
             "started {} (PID {program}), NOTIFY_SOCKET={}",
             Path::new(&opts.program).display(),
@@ -537,6 +527,60 @@ impl Shell {
     }
 }
 
+/// Starts the program with `NOTIFY_SOCKET` set, an empty signal mask and every signal's
+/// default action (the supervisor's blocked signals must not be inherited: std's `Command`
+/// keeps the mask), in the supervisor's process group.
+fn spawn(opts: &Options, notify_socket: &Path) -> Result<Pid, Failure> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawnp};
+
+    let failed =
+        |e: &dyn std::fmt::Display| Failure::setup(&format!("starting {:?}", opts.program), e);
+    let cstring = |bytes: Vec<u8>| CString::new(bytes).map_err(|e| failed(&e));
+    let program = cstring(opts.program.as_bytes().to_vec())?;
+    let mut argv = vec![program.clone()];
+    for a in &opts.args {
+        argv.push(cstring(a.as_bytes().to_vec())?);
+    }
+    let mut env = Vec::new();
+    for (k, v) in std::env::vars_os().filter(|(k, _)| k != "NOTIFY_SOCKET") {
+        let mut kv = k.into_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        env.push(cstring(kv)?);
+    }
+    let mut kv = b"NOTIFY_SOCKET=".to_vec();
+    kv.extend_from_slice(notify_socket.as_os_str().as_bytes());
+    env.push(cstring(kv)?);
+
+    let actions = PosixSpawnFileActions::init().map_err(|e| failed(&e))?;
+    let mut attr = PosixSpawnAttr::init().map_err(|e| failed(&e))?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )
+    .map_err(|e| failed(&e))?;
+    attr.set_sigmask(&SigSet::empty()).map_err(|e| failed(&e))?;
+    let mut defaults = SigSet::all();
+    defaults.remove(Signal::SIGKILL);
+    defaults.remove(Signal::SIGSTOP);
+    attr.set_sigdefault(&defaults).map_err(|e| failed(&e))?;
+    match posix_spawnp(&program, &actions, &attr, &argv, &env) {
+        Ok(pid) => Ok(pid.as_raw()),
+        Err(e) => Err(Failure {
+            code: match e {
+                Errno::ENOENT => EXIT_NOT_FOUND,
+                Errno::EACCES | Errno::ENOEXEC | Errno::EISDIR | Errno::EPERM => {
+                    EXIT_CANNOT_EXECUTE
+                }
+                _ => EXIT_SETUP,
+            },
+            message: format!("cannot run {:?}: {e}", opts.program),
+        }),
+    }
+}
+
 /// Reaps every child that ended; returns them, and whether any child is left.
 fn reap() -> (Vec<(Pid, Status)>, bool) {
     let mut out = Vec::new();
@@ -779,6 +823,7 @@ mod tests {
 
     #[test]
     fn the_status_of_a_process_someone_else_reaps() {
+        use std::process::Command;
         let mut child = Command::new("sh")
             .args(["-c", "exit 7"])
             .spawn()
@@ -803,6 +848,7 @@ mod tests {
 
     #[test]
     fn own_children_are_descendants_and_strangers_are_not() {
+        use std::process::Command;
         let me = nix::unistd::getpid().as_raw();
         let mut child = Command::new("sleep").arg("5").spawn().expect("sleep");
         let family = ProcFamily {

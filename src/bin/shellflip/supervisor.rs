@@ -368,13 +368,7 @@ impl Supervisor {
     }
 
     /// `MAINPID=pid`, sent by `sender`.
-    fn declared(
-        &mut self,
-        sender: Pid,
-        pid: Pid,
-        family: &dyn Family,
-        out: &mut Vec<Action>,
-    ) {
+    fn declared(&mut self, sender: Pid, pid: Pid, family: &dyn Family, out: &mut Vec<Action>) {
         let previous = match self.phase {
             Phase::Serving { main } if main == pid => return,
             Phase::Serving { main } => Some(main),
