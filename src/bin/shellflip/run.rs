@@ -224,6 +224,19 @@ impl Drop for NotifyDir {
     }
 }
 
+/// How the end of the main process is seen (it may not be a child of the supervisor).
+enum Watch {
+    /// Its pidfd becomes readable.
+    Pidfd(OwnedFd),
+    /// It was gone before a pidfd could be opened.
+    Gone,
+    /// No pidfd (Linux before 5.3): `/proc` is looked at every [`PROC_POLL`].
+    Proc,
+}
+
+/// How often `/proc` is looked at for the main process's end, without a pidfd.
+const PROC_POLL: Duration = Duration::from_millis(500);
+
 struct Shell {
     me: Pid,
     /// Process 1 of its PID namespace (otherwise: the child subreaper).
@@ -234,8 +247,8 @@ struct Shell {
     signals: SignalFd,
     notify: UnixDatagram,
     _dir: NotifyDir,
-    /// The main process, and a pidfd of it (None when it could not be opened: it is gone).
-    watched: Option<(Pid, Option<OwnedFd>)>,
+    /// The main process, and how its end is seen.
+    watched: Option<(Pid, Watch)>,
     sup: Supervisor,
 }
 
@@ -243,8 +256,8 @@ impl Shell {
     fn start(opts: &Options) -> Result<Shell, Failure> {
         let me = nix::unistd::getpid().as_raw();
         let pid1 = me == 1;
-        // Blocked before anything else, so none is lost; read from the signalfd. A process
-        // started with std's Command gets an empty mask and default dispositions.
+        // Blocked before anything else, so none is lost; read from the signalfd. The program
+        // starts with an empty mask and default dispositions (`spawn`).
         let mut mask = SigSet::empty();
         mask.add(Signal::SIGCHLD);
         for s in FORWARDED {
@@ -338,22 +351,29 @@ impl Shell {
 
     /// Sleeps until a signal, a notification, the main process's end or the deadline.
     fn wait(&self) {
-        let timeout = match (&self.watched, self.sup.deadline()) {
+        let mut wake = self
+            .sup
+            .deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        match &self.watched {
             // The main process is gone already: look now.
-            (Some((_, None)), _) => PollTimeout::ZERO,
-            (_, Some(deadline)) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                // Rounded up: never wake just before the deadline and spin.
-                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128);
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            Some((_, Watch::Gone)) => wake = Some(Duration::ZERO),
+            Some((_, Watch::Proc)) => wake = Some(wake.map_or(PROC_POLL, |w| w.min(PROC_POLL))),
+            _ => {}
+        }
+        let timeout = match wake {
+            // Rounded up: never wake just before the deadline and spin.
+            Some(left) => {
+                PollTimeout::try_from(left.as_micros().div_ceil(1000).min(i32::MAX as u128))
+                    .unwrap_or(PollTimeout::MAX)
             }
-            (_, None) => PollTimeout::NONE,
+            None => PollTimeout::NONE,
         };
         let mut fds = vec![
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
         ];
-        if let Some((_, Some(pidfd))) = &self.watched {
+        if let Some((_, Watch::Pidfd(pidfd))) = &self.watched {
             fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
         }
         match poll(&mut fds, timeout) {
@@ -441,16 +461,26 @@ impl Shell {
     /// The main process's end when it was not reaped here: it was the child of a generation
     /// that is still draining, which reaped it; or it is our child and ended after the reaping.
     fn main_ended(&self) -> Option<Event<'static>> {
-        let (pid, pidfd) = self.watched.as_ref()?;
+        let (pid, watch) = self.watched.as_ref()?;
         if self.sup.main() != Some(*pid) {
             return None;
         }
-        if let Some(pidfd) = pidfd {
-            let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-            if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
-                return None;
+        let pidfd = match watch {
+            Watch::Pidfd(pidfd) => {
+                let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+                    return None;
+                }
+                Some(pidfd)
             }
-        }
+            Watch::Gone => None,
+            Watch::Proc => {
+                if proc_stat(*pid).is_some_and(|s| s.state != 'Z' && s.state != 'X') {
+                    return None;
+                }
+                None
+            }
+        };
         // Ended. Ours to reap?
         let status = match waitpid(NixPid::from_raw(*pid), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => Some(Status::Exited(code)),
@@ -479,7 +509,19 @@ impl Shell {
         if self.watched.as_ref().map(|(pid, _)| *pid) == main {
             return;
         }
-        self.watched = main.map(|pid| (pid, pidfd_open(pid).ok()));
+        self.watched = main.map(|pid| {
+            let watch = match pidfd_open(pid) {
+                Ok(fd) => Watch::Pidfd(fd),
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Watch::Gone,
+                Err(e) => {
+                    log(&format!(
+                        "no pidfd for main process {pid} ({e}): looking at /proc every {PROC_POLL:?}"
+                    ));
+                    Watch::Proc
+                }
+            };
+            (pid, watch)
+        });
     }
 
     /// Carries out the actions in order; returns the exit code when one says to exit.
