@@ -471,7 +471,15 @@ fn fifty_restarts_under_load_then_sigterm_drains_and_exits_with_the_status() {
     let restarts_took = started.elapsed();
     let tally = load.finish();
     assert_eq!(hello.generation, 50, "{hello:?}");
-    // The supervisor followed every handover: its last main process is the one serving.
+    // The supervisor followed every handover: its last main process is the one serving (it
+    // reads the notifications on its own time: wait for its line).
+    let last_line = format!(" -> {}", hello.pid);
+    poll_until(DEADLINE, || {
+        s.log_text()
+            .lines()
+            .any(|l| l.contains("shellflip run: main process: ") && l.ends_with(&last_line))
+            .then_some(())
+    });
     let log = s.log_text();
     // The supervisor writes each line at once, but the service's lines may be split around
     // one: look for it anywhere in a line.
@@ -483,8 +491,20 @@ fn fifty_restarts_under_load_then_sigterm_drains_and_exits_with_the_status() {
     let last_main = handovers
         .last()
         .and_then(|l| l.split(" -> ").nth(1)?.trim().parse::<u32>().ok());
-    assert_eq!(last_main, Some(hello.pid), "the supervisor's main process");
-    assert_eq!(handovers.len(), 50, "one handover line per restart");
+    let other_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("shellflip run: ") && !l.contains(prefix))
+        .collect();
+    assert_eq!(
+        last_main,
+        Some(hello.pid),
+        "the supervisor's main process; its other lines: {other_lines:#?}"
+    );
+    assert_eq!(
+        handovers.len(),
+        50,
+        "one handover line per restart: {handovers:?}; its other lines: {other_lines:#?}"
+    );
 
     // Quiet now: every former generation drains, exits and is reaped; what is left is the
     // supervisor and the serving generation, and no zombie.

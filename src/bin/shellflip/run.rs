@@ -666,16 +666,42 @@ impl Family for ProcFamily {
             // can be checked without /proc.
             return true;
         }
+        // An ancestor read on the way may exit and be reaped (by its own parent, a generation
+        // still draining) before it is read: its children were reparented to us by then, so
+        // the walk is tried again from the start.
+        for _ in 0..3 {
+            match self.walk(pid) {
+                Walk::Descendant => return true,
+                Walk::Stranger => return false,
+                Walk::Broken => {}
+            }
+        }
+        false
+    }
+}
+
+enum Walk {
+    Descendant,
+    /// The chain of parents ends elsewhere (at 0, or at 1 when we are not process 1).
+    Stranger,
+    /// A process on the chain (`pid` itself included) is gone.
+    Broken,
+}
+
+impl ProcFamily {
+    /// Follows the parents of `pid` up to the supervisor.
+    fn walk(&self, pid: Pid) -> Walk {
         let mut p = pid;
         // Bounded: a PID may be reused while we walk.
         for _ in 0..4096 {
             match proc_stat(p) {
-                Some(stat) if stat.ppid == self.me => return true,
+                Some(stat) if stat.ppid == self.me => return Walk::Descendant,
                 Some(stat) if stat.ppid > 1 => p = stat.ppid,
-                _ => return false,
+                Some(_) => return Walk::Stranger,
+                None => return Walk::Broken,
             }
         }
-        false
+        Walk::Broken
     }
 }
 
