@@ -236,6 +236,22 @@ impl Supervised {
         status
     }
 
+    /// Waits until the supervisor has followed a handover to `pid` (it reads the notifications
+    /// on its own time).
+    fn wait_for_main(&self, pid: u32) {
+        let suffix = format!(" -> {pid}");
+        wait_until(
+            &format!("the supervisor to follow the handover to {pid}"),
+            DEADLINE,
+            || {
+                self.log_text()
+                    .lines()
+                    .any(|l| l.contains("shellflip run: main process: ") && l.ends_with(&suffix))
+                    .then_some(())
+            },
+        );
+    }
+
     /// Restarts with `shellflip restart`; returns the new generation's greeting.
     fn restart_by_command(&self, before: &Hello) -> Hello {
         let out = shellflip_at(&self.socket, &["restart"]);
@@ -471,15 +487,8 @@ fn fifty_restarts_under_load_then_sigterm_drains_and_exits_with_the_status() {
     let restarts_took = started.elapsed();
     let tally = load.finish();
     assert_eq!(hello.generation, 50, "{hello:?}");
-    // The supervisor followed every handover: its last main process is the one serving (it
-    // reads the notifications on its own time: wait for its line).
-    let last_line = format!(" -> {}", hello.pid);
-    poll_until(DEADLINE, || {
-        s.log_text()
-            .lines()
-            .any(|l| l.contains("shellflip run: main process: ") && l.ends_with(&last_line))
-            .then_some(())
-    });
+    // The supervisor followed every handover: its last main process is the one serving.
+    s.wait_for_main(hello.pid);
     let log = s.log_text();
     // The supervisor writes each line at once, but the service's lines may be split around
     // one: look for it anywhere in a line.
@@ -629,6 +638,8 @@ fn a_crash_without_successor_ends_the_supervisor_with_its_signal() {
     holder.request("GET", "/").expect("GET /");
     let gen1 = s.restart_by_command(&before);
     let gen1_host = s.host_pid(gen1.pid);
+    // A generation the supervisor knows as its main process.
+    s.wait_for_main(gen1.pid);
     if pidfd_exit {
         let parent = proc_stat(gen1_host).map(|(_, p)| p);
         assert_ne!(
@@ -695,6 +706,7 @@ fn subreaper_mode_follows_restarts_and_reaps() {
         || (s.descendants() == [main]).then_some(()),
     );
     assert_eq!(proc_stat(main).map(|(_, p)| p), Some(s.supervisor));
+    s.wait_for_main(main);
     signal(main, Signal::SIGKILL);
     let status = s.wait_exit(Duration::from_secs(15));
     assert_eq!(

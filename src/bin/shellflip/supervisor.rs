@@ -9,7 +9,9 @@
 //!   names, provided the sender and the named process are both descendants of the supervisor
 //!   (the library's successor sends `READY=1` + `MAINPID=<itself>`, the old generation
 //!   `MAINPID=<new>` after the handover). A `MAINPID=` naming a process that was the main
-//!   process before and handed over is stale and ignored.
+//!   process before and handed over is stale and ignored. So is one naming a process that is
+//!   gone by the time the message is read (as systemd does): a successor that dies within
+//!   moments of declaring itself is not seen as the main process.
 //! * Forwarded signals (`SIGTERM`, `SIGINT`, `SIGQUIT`, `SIGHUP`, `SIGUSR1`, `SIGUSR2`) go to
 //!   the current main process. A stop signal (`SIGTERM`, `SIGINT`, `SIGQUIT`) is remembered: a
 //!   process that declares itself the main process afterwards gets it too, so a handover that
@@ -334,7 +336,8 @@ impl Supervisor {
     fn notified(&mut self, sender: Pid, text: &str, family: &dyn Family, out: &mut Vec<Action>) {
         if !family.is_descendant(sender) {
             out.push(Action::Log(format!(
-                "ignored a notification from process {sender}: not a process of the service"
+                "ignored a notification from process {sender}: not a live process of the \
+                 service (a stranger, or it ended before its message was read)"
             )));
             return;
         }
@@ -383,7 +386,8 @@ impl Supervisor {
         }
         if !family.is_descendant(pid) {
             out.push(Action::Log(format!(
-                "ignored MAINPID={pid} from process {sender}: not a process of the service"
+                "ignored MAINPID={pid} from process {sender}: not a live process of the service \
+                 (a stranger, or it ended before the message was read)"
             )));
             return;
         }
@@ -564,7 +568,10 @@ mod tests {
     fn refuses_foreign_senders_and_foreign_main_processes() {
         let mut h = Harness::new(10, &[10, 11]);
         let a = h.notify(99, "MAINPID=11");
-        assert!(logs(&a).contains("not a process of the service"), "{a:?}");
+        assert!(
+            logs(&a).contains("not a live process of the service"),
+            "{a:?}"
+        );
         assert_eq!(h.sup.main(), Some(10));
         let a = h.notify(11, "MAINPID=99");
         assert!(logs(&a).contains("MAINPID=99"), "{a:?}");
