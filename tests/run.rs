@@ -116,7 +116,11 @@ impl Supervised {
         for var in PROTOCOL_VARS {
             cmd.env_remove(var);
         }
-        cmd.env("RUST_LOG", "warn").env("NO_COLOR", "1");
+        // The supervisor's notification directory goes into the test's: removed with it, even
+        // when the supervisor is killed.
+        cmd.env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .env("TMPDIR", dir.path());
         let out = std::fs::File::create(&log).expect("log file");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone().expect("log file")))
