@@ -5,7 +5,9 @@
 //!     restart; print the new PID (exit 0) or why not (exit 1)
 //! shellflip status --socket PATH [--timeout SECS] [--json]
 //!     print the service's status (--json: as one line of JSON)
-//! shellflip help [restart|status]   print the help; also --help, -h, after a command too
+//! shellflip run [--grace SECS] -- PROGRAM [ARGS...]
+//!     supervise PROGRAM as a container's process 1 (or as a subreaper): see `run.rs`
+//! shellflip help [restart|status|run]   print the help; also --help, -h, after a command too
 //! shellflip --version               print `shellflip <version>`; also -V
 //! ```
 //!
@@ -22,6 +24,11 @@ use std::time::Duration;
 
 use shellflip::control::{ControlError, RestartCoordinationSocket};
 
+#[path = "shellflip/run.rs"]
+mod run;
+#[path = "shellflip/supervisor.rs"]
+mod supervisor;
+
 /// How long to wait for the service's answer unless `--timeout` says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -32,13 +39,17 @@ const HELP: &str = "shellflip: talk to a shellflip service's control socket
 
 usage: shellflip restart --socket PATH [--timeout SECS]
        shellflip status  --socket PATH [--timeout SECS] [--json]
-       shellflip help [restart|status]
+       shellflip run [--grace SECS] -- PROGRAM [ARGS...]
+       shellflip help [restart|status|run]
        shellflip --version
 
 commands:
   restart   ask the service to restart; prints the new PID and exits 0, or prints
             the reason and exits 1
   status    print the service's status
+  run       run PROGRAM under a small supervisor, as a container's entry point:
+            it follows the service across restarts, forwards signals, reaps
+            zombies and exits with the service's status ('shellflip run --help')
   help      print this help, or a command's
 
 options:
@@ -48,7 +59,7 @@ options:
   -h, --help           print this help; after a command, that command's help
   -V, --version        print the version
 
-exit status: 0 done, 1 the command failed, 2 bad arguments";
+exit status: 0 done, 1 the command failed, 2 bad arguments (run: the service's)";
 
 const RESTART_HELP: &str = "shellflip restart: ask a service to restart
 
@@ -81,6 +92,8 @@ options:
 enum CommandName {
     Restart,
     Status,
+    /// The supervisor: its arguments are parsed by `run::parse`.
+    Run,
 }
 
 impl CommandName {
@@ -88,6 +101,7 @@ impl CommandName {
         match word.to_str()? {
             "restart" => Some(Self::Restart),
             "status" => Some(Self::Status),
+            "run" => Some(Self::Run),
             _ => None,
         }
     }
@@ -96,6 +110,7 @@ impl CommandName {
         match self {
             Self::Restart => "restart",
             Self::Status => "status",
+            Self::Run => "run",
         }
     }
 
@@ -103,6 +118,7 @@ impl CommandName {
         match self {
             Self::Restart => "usage: shellflip restart --socket PATH [--timeout SECS]",
             Self::Status => "usage: shellflip status --socket PATH [--timeout SECS] [--json]",
+            Self::Run => run::SYNOPSIS,
         }
     }
 
@@ -110,6 +126,7 @@ impl CommandName {
         match self {
             Self::Restart => RESTART_HELP,
             Self::Status => STATUS_HELP,
+            Self::Run => run::HELP,
         }
     }
 }
@@ -142,6 +159,8 @@ struct Args {
 #[derive(Debug, PartialEq, Eq)]
 enum Invocation {
     Run(Args),
+    /// `shellflip run`: supervise a program.
+    Supervise(run::Options),
     /// Print the help: the global one, or a command's.
     Help(Option<CommandName>),
     Version,
@@ -168,7 +187,8 @@ impl UsageError {
         let (synopsis, help) = match self.command {
             Some(c) => (c.synopsis(), format!("shellflip {} --help", c.as_str())),
             None => (
-                "usage: shellflip (restart|status) --socket PATH [--timeout SECS] [--json]",
+                "usage: shellflip (restart|status) --socket PATH [--timeout SECS] [--json]\n       \
+                 shellflip run [--grace SECS] -- PROGRAM [ARGS...]",
                 "shellflip --help".to_string(),
             ),
         };
@@ -210,6 +230,8 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
     let mut json = false;
     // `help [COMMAND]`: Some(topic) once the word `help` was seen.
     let mut help: Option<Option<CommandName>> = None;
+    // The first control-socket option seen before a command (`run` takes none).
+    let mut control_option: Option<&'static str> = None;
 
     loop {
         let arg = match parser.next() {
@@ -227,30 +249,39 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
                     .filter(|v| !v.is_empty())
                     .ok_or_else(|| UsageError::new("--socket needs a path", command))?;
                 socket = Some(PathBuf::from(path));
+                control_option.get_or_insert("--socket");
             }
             Long("timeout") => {
                 let value = parser
                     .value()
                     .map_err(|_| UsageError::new("--timeout needs a number of seconds", command))?;
                 timeout = parse_timeout(&value).map_err(|e| UsageError::new(e, command))?;
+                control_option.get_or_insert("--timeout");
             }
-            Long("json") => json = true,
+            Long("json") => {
+                json = true;
+                control_option.get_or_insert("--json");
+            }
             Value(word) if command.is_none() && help.is_none() => {
                 if word == "help" {
                     help = Some(None);
                 } else {
-                    command = Some(CommandName::from_word(&word).ok_or_else(|| {
+                    let name = CommandName::from_word(&word).ok_or_else(|| {
                         UsageError::new(
-                            format!("unknown command {word:?} (expected restart or status)"),
+                            format!("unknown command {word:?} (expected restart, status or run)"),
                             None,
                         )
-                    })?);
+                    })?;
+                    if name == CommandName::Run {
+                        return parse_run(&mut parser, control_option);
+                    }
+                    command = Some(name);
                 }
             }
             Value(word) if help == Some(None) => {
                 let topic = CommandName::from_word(&word).ok_or_else(|| {
                     UsageError::new(
-                        format!("help: unknown command {word:?} (expected restart or status)"),
+                        format!("help: unknown command {word:?} (expected restart, status or run)"),
                         None,
                     )
                 })?;
@@ -276,12 +307,31 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
         }
         CommandName::Restart => Command::Restart,
         CommandName::Status => Command::Status { json },
+        CommandName::Run => unreachable!("`run` is parsed by parse_run"),
     };
     Ok(Invocation::Run(Args {
         command,
         socket,
         timeout,
     }))
+}
+
+/// Parses what follows `run`; `control_option` is a control-socket option given before it.
+fn parse_run(
+    parser: &mut lexopt::Parser,
+    control_option: Option<&'static str>,
+) -> Result<Invocation, UsageError> {
+    let run = Some(CommandName::Run);
+    if let Some(option) = control_option {
+        return Err(UsageError::new(
+            format!("{option} is not an option of run"),
+            run,
+        ));
+    }
+    match run::parse(parser).map_err(|e| UsageError::new(e, run))? {
+        run::Parsed::Run(options) => Ok(Invocation::Supervise(options)),
+        run::Parsed::Help => Ok(Invocation::Help(run)),
+    }
 }
 
 /// Asks the service; returns the line(s) to print.
@@ -310,6 +360,8 @@ async fn run(args: &Args) -> Result<String, ControlError> {
 fn main() -> ExitCode {
     let args = match parse(std::env::args_os().skip(1)) {
         Ok(Invocation::Run(args)) => args,
+        // No runtime: the supervisor is one thread around one poll.
+        Ok(Invocation::Supervise(options)) => return run::main(options),
         Ok(Invocation::Help(topic)) => {
             println!("{}", topic.map_or(HELP, CommandName::help));
             return ExitCode::SUCCESS;
@@ -511,5 +563,48 @@ mod tests {
             "{report}"
         );
         assert!(report.contains("'shellflip --help'"), "{report}");
+    }
+
+    #[test]
+    fn run_takes_a_program_and_leaves_its_arguments_alone() {
+        match parse_list(&[
+            "run", "--grace", "3", "--", "/bin/svc", "--socket", "/s", "-h",
+        ]) {
+            Ok(Invocation::Supervise(o)) => {
+                assert_eq!(o.program, "/bin/svc");
+                assert_eq!(o.args, ["--socket", "/s", "-h"]);
+                assert_eq!(o.grace, Duration::from_secs(3));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_list(&["run", "svc"]) {
+            Ok(Invocation::Supervise(o)) => assert_eq!(o.grace, run::DEFAULT_GRACE),
+            other => panic!("{other:?}"),
+        }
+        for form in [
+            &["run", "--help"][..],
+            &["help", "run"][..],
+            &["run", "-h"][..],
+        ] {
+            assert_eq!(
+                parse_list(form),
+                Ok(Invocation::Help(Some(CommandName::Run))),
+                "{form:?}"
+            );
+        }
+        assert!(HELP.contains("shellflip run") && run::HELP.contains("--grace"));
+        assert!(error(&["run"]).contains("needs a program"));
+        assert_eq!(
+            error(&["--socket", "/s", "run", "--", "svc"]),
+            "--socket is not an option of run"
+        );
+        assert!(error(&["--json", "run", "svc"]).contains("--json"));
+        let report = parse_list(&["run", "--grace", "x", "svc"])
+            .unwrap_err()
+            .report();
+        assert!(report.contains("usage: shellflip run"), "{report}");
+        assert!(report.contains("shellflip run --help"), "{report}");
+        let report = parse_list(&[]).unwrap_err().report();
+        assert!(report.contains("shellflip run [--grace"), "{report}");
     }
 }
