@@ -72,6 +72,9 @@ struct Args {
     /// The program a restart starts (default: this binary, as it was started).
     #[arg(long)]
     executable: Option<PathBuf>,
+    /// A file that names the serving generation's PID, replaced at each handover.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
     /// Fork/exec: milliseconds a new generation stays on probation after it is ready; if it
     /// dies meanwhile, this one serves again (default 0: no probation).
     #[arg(long, default_value_t = 0)]
@@ -363,6 +366,7 @@ async fn serve(args: Args) -> ExitCode {
         startup_timeout: Duration::from_secs_f64(args.startup_timeout),
         executable: args.executable.clone(),
         probation: Duration::from_millis(args.probation_ms),
+        pid_file: args.pid_file.clone(),
         registry: registry.clone(),
         ..Default::default()
     };

@@ -54,6 +54,11 @@ pub struct RestartConfig {
     pub executable: Option<PathBuf>,
     /// The named descriptors that cross to the next generation.
     pub registry: Registry,
+    /// A file that names the serving generation's PID, for scripts and managers that read one
+    /// (`PIDFile=`, `kill -USR1 $(cat ...)`): written by each generation once it is ready (and
+    /// again by the old one after a rollback), replaced atomically. Left in place when the
+    /// service stops. Default: none.
+    pub pid_file: Option<PathBuf>,
     /// Systemd lifecycle: the exit status of a restart asked for on the control socket or by the
     /// restart signal; list it in the unit's `RestartForceExitStatus=` (default 75).
     pub systemd_restart_exit_code: i32,
@@ -74,6 +79,7 @@ impl Default for RestartConfig {
             probation: Duration::ZERO,
             executable: None,
             registry: Registry::new(),
+            pid_file: None,
             systemd_restart_exit_code: 75,
         }
     }

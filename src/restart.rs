@@ -382,6 +382,7 @@ struct Loop<T> {
 impl<T: Transport> Loop<T> {
     async fn run(mut self, outcome: mpsc::Sender<Result<Handover, RestartError>>) {
         let mut pending = self.wait_until_ready().await;
+        self.write_pid_file();
         let stop_control = self.serve_control();
         self.transport.after_ready().await;
         self.release_unclaimed();
@@ -413,6 +414,9 @@ impl<T: Transport> Loop<T> {
                 }
                 Err(e) => {
                     tracing::error!(?elapsed, "restart failed: {e}");
+                    if matches!(e, RestartError::RolledBack { .. }) {
+                        self.write_pid_file();
+                    }
                     self.record.last = Some(LastRestart::Failed {
                         elapsed_ms: elapsed.as_millis().try_into().unwrap_or(u64::MAX),
                         reason: e.to_string(),
@@ -456,9 +460,7 @@ impl<T: Transport> Loop<T> {
         };
         self.record.awaiting_confirmation = true;
         // `C`, or the end of the pipe (the parent is gone: nothing to roll back to).
-        let confirmed_now = |pipe: &tokio::net::unix::pipe::Receiver| {
-            !matches!(pipe.try_read(&mut [0u8; 8]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        };
+        let confirmed_now = |pipe: &tokio::net::unix::pipe::Receiver| !matches!(pipe.try_read(&mut [0u8; 8]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
         let mut first = None;
         loop {
             tokio::select! {
@@ -479,6 +481,23 @@ impl<T: Transport> Loop<T> {
         self.record.awaiting_confirmation = false;
         readiness::confirmed();
         first
+    }
+
+    /// Names this process in the PID file, if there is one: written beside it, then renamed
+    /// over it, so that a reader never sees it half-written.
+    fn write_pid_file(&self) {
+        let Some(path) = &self.ctx.config.pid_file else {
+            return;
+        };
+        let pid = std::process::id();
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{pid}.tmp"));
+        let written =
+            std::fs::write(&tmp, format!("{pid}\n")).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::error!("cannot write the PID file {}: {e}", path.display());
+        }
     }
 
     /// Starts serving the control socket; the token stops it.

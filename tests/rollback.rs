@@ -90,3 +90,35 @@ fn a_crash_after_the_probation_is_not_a_rollback() {
         "nothing serves after the new generation crashed"
     );
 }
+
+/// The PID file names the serving generation: each one once ready, and the old one again
+/// after a rollback.
+#[test]
+fn the_pid_file_follows_the_serving_generation() {
+    let dir = test_dir();
+    let pid_file = dir.path().join("service.pid");
+    let s = Service::start_with(Options {
+        args: vec![
+            "--probation-ms".into(),
+            "3000".into(),
+            "--pid-file".into(),
+            pid_file.to_string_lossy().into_owned(),
+        ],
+        ..Default::default()
+    });
+    let named = || -> u32 {
+        std::fs::read_to_string(&pid_file)
+            .expect("the PID file")
+            .trim()
+            .parse()
+            .expect("a PID")
+    };
+    assert_eq!(named(), s.gen0_pid());
+    let gen1 = s.restart();
+    assert_eq!(named(), gen1.pid);
+    s.write_config("crash_after_ready_ms = 200\n");
+    let out = s.restart_cmd();
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.all().contains("rolled back"), "{out:?}");
+    assert_eq!(named(), gen1.pid, "the old generation names itself again");
+}
