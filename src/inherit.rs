@@ -210,12 +210,16 @@ pub(crate) fn parse(
                 Some(v) => parse_number(ENV_GENERATION, Some(v))?,
                 None => 0,
             };
-            d.mode = match get(ENV_MODE).as_deref().and_then(OsStr::to_str) {
-                None | Some("serve") => Mode::Serve,
-                Some("validate") => Mode::Validate,
-                Some(other) => {
-                    return Err(malformed(ENV_MODE, other, "expected serve or validate"));
-                }
+            d.mode = match get(ENV_MODE) {
+                None => Mode::Serve,
+                Some(v) => match v.to_str() {
+                    Some("serve") => Mode::Serve,
+                    Some("validate") => Mode::Validate,
+                    _ => {
+                        let text = v.to_string_lossy();
+                        return Err(malformed(ENV_MODE, &text, "expected serve or validate"));
+                    }
+                },
             };
             d.origin = Origin::Parent;
             d.count_var = ENV_FDS;
@@ -748,6 +752,18 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("too many"), "{err}");
+    }
+
+    #[test]
+    fn a_mode_that_is_not_text_is_malformed() {
+        use std::os::unix::ffi::OsStringExt;
+        let get = |k: &str| match k {
+            ENV_PPID => Some(OsString::from("99")),
+            ENV_MODE => Some(OsString::from_vec(vec![0x8a])),
+            _ => None,
+        };
+        let err = parse(&get, ME).unwrap_err();
+        assert!(err.to_string().contains(ENV_MODE), "{err}");
     }
 
     #[test]

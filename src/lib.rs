@@ -148,6 +148,9 @@ compile_error!(
 mod config;
 pub mod control;
 mod fork_exec;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(feature = "hyper")]
 pub mod http;
 mod inherit;
