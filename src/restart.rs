@@ -4,9 +4,9 @@
 //! One loop owns every restart. A trigger (the restart signal, SIGTERM in the systemd
 //! lifecycle, a control-socket request, or a [`RestartHandle`]) starts one; while it runs,
 //! another request is answered "restart already in progress" at once, and status requests are
-//! answered as usual. When a restart succeeds the loop stops serving the control socket,
-//! answers the initiator and resolves the [`RestartTask`]: the application then stops accepting,
-//! drains, and exits with [`Handover::exit_code`].
+//! answered as usual. When a restart succeeds the loop answers the initiator, hands the control
+//! socket over (every request still waiting is answered) and resolves the [`RestartTask`]: the
+//! application then stops accepting, drains, and exits with [`Handover::exit_code`].
 //!
 //! The loop never names a lifecycle: it asks its [`Transport`] for the steps that differ.
 //!
@@ -22,11 +22,11 @@ use std::time::Instant;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::RestartConfig;
 use crate::control::{
-    self, Access, Command, ControlError, Initiator, LastRestart, RestartCoordinationSocket, Status,
+    self, Command, ControlError, ControlServer, ControlSocket, Initiator, LastRestart,
+    RestartCoordinationSocket, Status,
 };
 use crate::fork_exec::ForkExec;
 use crate::inherit;
@@ -168,13 +168,7 @@ fn start<T: Transport>(
     let (commands_tx, commands) = mpsc::channel(16);
     forward_signals::<T>(&config, commands_tx.clone())?;
     let control = match config.enabled {
-        true => Some(ControlServer {
-            listener: control::listener(&config)?,
-            commands: commands_tx.clone(),
-            access: Access {
-                allowed_uids: config.allowed_uids.clone(),
-            },
-        }),
+        true => Some(ControlSocket::open(&config, commands_tx.clone())?),
         false => None,
     };
     let handler = std::mem::replace(
@@ -235,14 +229,6 @@ fn forward_signals<T: Transport>(
     Ok(())
 }
 
-/// The control socket, served once this process is ready: until then the generation that
-/// started it (which shares the listening socket) answers.
-struct ControlServer {
-    listener: tokio::net::UnixListener,
-    commands: mpsc::Sender<Command>,
-    access: Access,
-}
-
 /// What the loop remembers for the status report.
 struct Record {
     kind: control::LifecycleKind,
@@ -272,9 +258,10 @@ impl Record {
     }
 }
 
-/// Answers `initiator` without holding up the loop (a client may be slow to read).
-fn respond_later(initiator: Initiator, outcome: Result<Option<u32>, RestartError>) {
-    tokio::spawn(initiator.respond(outcome));
+/// Answers `initiator` without holding up the loop, and without a task that could die with
+/// the process before it wrote (a client may be slow to read, but one small answer fits).
+fn respond_at_once(initiator: Initiator, outcome: Result<Option<u32>, RestartError>) {
+    initiator.respond_now(outcome);
 }
 
 /// The restart loop and everything it owns.
@@ -284,14 +271,16 @@ struct Loop<T> {
     commands: mpsc::Receiver<Command>,
     /// Whether this process declared itself ready.
     ready: watch::Receiver<bool>,
-    control: Option<ControlServer>,
+    /// The control socket, served once this process is ready: until then the generation that
+    /// started it (which shares the listening socket) answers.
+    control: Option<ControlSocket>,
     record: Record,
 }
 
 impl<T: Transport> Loop<T> {
     async fn run(mut self, outcome: oneshot::Sender<Result<Handover, RestartError>>) {
         let mut pending = self.wait_until_ready().await;
-        let stop_control = self.serve_control();
+        let control = self.serve_control();
         self.transport.after_ready().await;
         self.release_unclaimed();
         loop {
@@ -302,6 +291,13 @@ impl<T: Transport> Loop<T> {
                     None => return,
                 },
             };
+            if initiator.is_gone() {
+                tracing::warn!(
+                    trigger = initiator.describe(),
+                    "restart not started: whoever asked for it is gone"
+                );
+                continue;
+            }
             let started = Instant::now();
             let (result, stop) = self.restart_once(&initiator).await;
             pending = stop;
@@ -309,10 +305,15 @@ impl<T: Transport> Loop<T> {
             match result {
                 Ok(handover) => {
                     tracing::info!(?elapsed, new_pid = ?handover.new_pid(), "restart succeeded; draining");
-                    stop_control.cancel();
                     self.transport.answer(initiator, handover).await;
+                    // Every request still waiting is answered before the application may exit;
+                    // then the next generation serves the control socket.
+                    if let Some(control) = control {
+                        let status = self.record.status(true);
+                        control.hand_over(handover.new_pid(), status).await;
+                    }
+                    self.answer_after_handover(handover.new_pid()).await;
                     let _ = outcome.send(Ok(handover));
-                    self.answer_after_handover().await;
                     return;
                 }
                 Err(e) => {
@@ -344,24 +345,15 @@ impl<T: Transport> Loop<T> {
                     Command::Status(tx) => { let _ = tx.send(self.record.status(false)); }
                     Command::Restart(initiator) if *self.ready.borrow() => return Some(initiator),
                     Command::Restart(Initiator::Terminate) => stop = Some(Initiator::Terminate),
-                    Command::Restart(initiator) => respond_later(initiator, Err(RestartError::NotReadyYet)),
+                    Command::Restart(initiator) => respond_at_once(initiator, Err(RestartError::NotReadyYet)),
                 },
             }
         }
     }
 
-    /// Starts serving the control socket; the token stops it.
-    fn serve_control(&mut self) -> CancellationToken {
-        let stop = CancellationToken::new();
-        if let Some(c) = self.control.take() {
-            tokio::spawn(control::serve(
-                c.listener,
-                c.commands,
-                c.access,
-                stop.clone(),
-            ));
-        }
-        stop
+    /// Starts serving the control socket.
+    fn serve_control(&mut self) -> Option<ControlServer> {
+        self.control.take().map(ControlSocket::serve)
     }
 
     /// Closes the inherited descriptors this generation did not take, and tells the transport.
@@ -420,7 +412,7 @@ impl<T: Transport> Loop<T> {
                         match other {
                             // systemd is stopping us: stop once this restart is over, if it failed.
                             Initiator::Terminate => stop = Some(other),
-                            other => respond_later(other, Err(RestartError::InProgress)),
+                            other => respond_at_once(other, Err(RestartError::InProgress)),
                         }
                     }
                 },
@@ -430,12 +422,13 @@ impl<T: Transport> Loop<T> {
         (result, stop)
     }
 
-    /// After the handover: requests still queued are told to ask the new generation.
-    async fn answer_after_handover(mut self) {
+    /// After the handover: restart requests still queued were satisfied by the restart that
+    /// just succeeded.
+    async fn answer_after_handover(mut self, new_pid: Option<u32>) {
         self.commands.close();
         while let Some(cmd) = self.commands.recv().await {
             match cmd {
-                Command::Restart(i) => i.respond(Err(RestartError::HandedOver)).await,
+                Command::Restart(i) => i.respond(control::satisfied_by(new_pid)).await,
                 Command::Status(tx) => {
                     let _ = tx.send(self.record.status(true));
                 }
@@ -794,6 +787,22 @@ mod tests {
         }
         assert!(matches!(rx.await, Ok(Err(RestartError::HandedOver))));
         assert_eq!(h.launcher.launched().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_client_is_gone_starts_nothing() {
+        let h = fork_exec(vec![Script::Ready], config(LONG), Hooks::default());
+        let (client, server) = tokio::net::UnixStream::pair().expect("socket pair");
+        drop(client);
+        h.send(Initiator::Socket(RestartCoordinationSocket::new(server)))
+            .await;
+        let (tx, rx) = oneshot::channel();
+        drop(rx);
+        h.send(Initiator::Handle(tx)).await;
+        // Status is answered after both: they were looked at, and dropped.
+        assert!(!h.status().await.restart_in_progress);
+        assert!(h.launcher.launched().is_empty(), "nothing was started");
+        assert_eq!(h.hooks(), (0, 0));
     }
 
     #[tokio::test]
