@@ -25,9 +25,12 @@ use crate::registry::Registry;
 pub struct RestartConfig {
     /// Enables the control socket at [`coordination_socket_path`](Self::coordination_socket_path).
     pub enabled: bool,
-    /// Where the control socket is bound (in the first generation; later ones inherit it).
+    /// Where the control socket is bound (in the first generation; later ones inherit it, and
+    /// bind it again if its file was removed). At most 107 bytes. The generation serving it
+    /// holds an exclusive `flock` on `<path>.lock`, next to it.
     pub coordination_socket_path: PathBuf,
-    /// Mode of the control socket file (default `0o600`).
+    /// Mode of the control socket file (default `0o600`); a directory created for it gets
+    /// search permission for whom this mode lets in.
     pub socket_mode: u32,
     /// Users besides this process's own and root allowed on the control socket.
     pub allowed_uids: Vec<u32>,

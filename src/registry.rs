@@ -241,7 +241,7 @@ impl Registry {
 
     /// The Unix stream listener called `name`: inherited (its path is never unlinked by a
     /// restart), or bound at `path` now. A stale socket file at `path` that nothing listens on
-    /// is replaced; one that something listens on is an error.
+    /// is replaced; one that something listens on, or a file that is not a socket, is an error.
     pub fn unix_listener(&self, name: &str, path: &Path) -> Result<UnixListener, RegistryError> {
         self.named(name, Kind::UnixListener, Some(path), || {
             remove_stale_socket(path)?;
@@ -251,21 +251,10 @@ impl Registry {
     }
 
     /// The Unix datagram socket called `name`: inherited, or bound at `path` now (a stale
-    /// socket file there is replaced, a live one is an error).
+    /// socket file there is replaced; a live one, or a file that is not a socket, is an error).
     pub fn unix_datagram(&self, name: &str, path: &Path) -> Result<UnixDatagram, RegistryError> {
         self.named(name, Kind::UnixDatagram, Some(path), || {
-            match UnixDatagram::unbound()?.connect(path) {
-                Ok(()) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        format!("another process is bound to {}", path.display()),
-                    ));
-                }
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path)?
-                }
-                Err(_) => {}
-            }
+            remove_stale_socket(path)?;
             UnixDatagram::bind(path).map(OwnedFd::from)
         })
         .map(UnixDatagram::from)
@@ -594,16 +583,92 @@ pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes a socket file that nothing listens on. A live socket is left alone and reported.
+/// What a socket path holds, seen without following a symbolic link and without waiting.
+#[derive(Debug)]
+pub(crate) enum AtPath {
+    /// Nothing.
+    Nothing,
+    /// Something that is not a socket (a regular file, a directory, a symbolic link, a FIFO).
+    NotASocket,
+    /// A socket file nobody listens on; its device and inode, to remove only that file.
+    Stale { dev: u64, ino: u64 },
+    /// A socket something listens on, and the probe connection that reached it.
+    Listening(UnixStream),
+    /// A socket something has open but no probe connection got in: its queue is full, or it is
+    /// a socket of another type (a datagram socket).
+    Busy,
+}
+
+/// Looks at what `path` holds: its type (never following a symbolic link), then, for a socket,
+/// whether a non-blocking probe connection reaches a listener. Linux answers "connection
+/// refused" for any file that is not a socket, hence the type first.
+pub(crate) fn inspect_socket_path(path: &Path) -> io::Result<AtPath> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(AtPath::Nothing),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Ok(AtPath::NotASocket);
+    }
+    match connect_nonblocking(path) {
+        Ok(probe) => Ok(AtPath::Listening(probe)),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(AtPath::Stale {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(AtPath::Nothing),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EPROTOTYPE)) => {
+            Ok(AtPath::Busy)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Connects to the stream socket at `path` without waiting for room in its queue.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use nix::sys::socket::{SockFlag, UnixAddr, connect, socket};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
+}
+
+/// Makes room to bind a socket at `path`: removes a socket file nobody listens on. Anything
+/// else is left alone and reported: a live socket (`AddrInUse`), a file that is not a socket
+/// (`AlreadyExists`).
 pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
+    use std::os::unix::fs::MetadataExt;
+    match inspect_socket_path(path)? {
+        AtPath::Nothing => Ok(()),
+        AtPath::NotASocket => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ),
+        )),
+        AtPath::Listening(_) | AtPath::Busy => Err(io::Error::new(
             io::ErrorKind::AddrInUse,
             format!("another process is listening on {}", path.display()),
         )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
-        Err(e) => Err(e),
+        AtPath::Stale { dev, ino } => {
+            // Only the dead socket that was looked at: not whatever took its place since.
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if (m.dev(), m.ino()) == (dev, ino) => std::fs::remove_file(path),
+                Ok(_) => Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} was replaced while it was checked", path.display()),
+                )),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
     }
 }
 
@@ -678,5 +743,18 @@ mod tests {
         assert!(same_address(a, "127.0.0.1:0".parse().unwrap()));
         assert!(!same_address(a, "127.0.0.2:0".parse().unwrap()));
         assert!(!same_address(a, "127.0.0.1:4243".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_socket_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        std::fs::write(&path, "precious").unwrap();
+        let r = Registry::new();
+        let err = r.unix_listener("u", &path).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        let err = r.unix_datagram("d", &path).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
     }
 }

@@ -4,9 +4,9 @@
 //! One loop owns every restart. A trigger (the restart signal, SIGTERM in the systemd
 //! lifecycle, a control-socket request, or a [`RestartHandle`]) starts one; while it runs,
 //! another request is answered "restart already in progress" at once, and status requests are
-//! answered as usual. When a restart succeeds the loop stops serving the control socket,
-//! answers the initiator and resolves the [`RestartTask`]: the application then stops accepting,
-//! drains, and exits with [`Handover::exit_code`].
+//! answered as usual. When a restart succeeds the loop answers the initiator, hands the control
+//! socket over (every request still waiting is answered) and resolves the [`RestartTask`]: the
+//! application then stops accepting, drains, and exits with [`Handover::exit_code`].
 //!
 //! The loop never names a lifecycle: it asks its [`Transport`] for the steps that differ.
 //!
@@ -22,11 +22,10 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::RestartConfig;
 use crate::control::{
-    self, Access, Command, ControlError, Initiator, LastRestart, Probation,
+    self, Command, ControlError, ControlServer, ControlSocket, Initiator, LastRestart, Probation,
     RestartCoordinationSocket, Status,
 };
 use crate::fork_exec::ForkExec;
@@ -222,13 +221,7 @@ fn start<T: Transport>(
     let (commands_tx, commands) = mpsc::channel(16);
     forward_signals::<T>(&config, commands_tx.clone())?;
     let control = match config.enabled {
-        true => Some(ControlServer {
-            listener: control::listener(&config)?,
-            commands: commands_tx.clone(),
-            access: Access {
-                allowed_uids: config.allowed_uids.clone(),
-            },
-        }),
+        true => Some(ControlSocket::open(&config, commands_tx.clone())?),
         false => None,
     };
     let handler = std::mem::replace(
@@ -315,14 +308,6 @@ fn forward_signals<T: Transport>(
     Ok(())
 }
 
-/// The control socket, served once this process is ready: until then the generation that
-/// started it (which shares the listening socket) answers.
-struct ControlServer {
-    listener: tokio::net::UnixListener,
-    commands: mpsc::Sender<Command>,
-    access: Access,
-}
-
 /// What the loop remembers for the status report.
 struct Record {
     kind: control::LifecycleKind,
@@ -363,9 +348,19 @@ impl Record {
     }
 }
 
-/// Answers `initiator` without holding up the loop (a client may be slow to read).
-fn respond_later(initiator: Initiator, outcome: Result<Option<u32>, RestartError>) {
-    tokio::spawn(initiator.respond(outcome));
+/// Answers `initiator` without holding up the loop, and without a task that could die with
+/// the process before it wrote (a client may be slow to read, but one small answer fits).
+fn respond_at_once(initiator: Initiator, outcome: Result<Option<u32>, RestartError>) {
+    initiator.respond_now(outcome);
+}
+
+/// A restart whose new generation was confirmed.
+struct Success {
+    new_pid: Option<u32>,
+    /// The loop's side of the handover: the verdict to give, the answer to see out.
+    link: Link,
+    /// The handover, when the application has not been told of it yet (no probation).
+    unsent: Option<Handover>,
 }
 
 /// The restart loop and everything it owns.
@@ -375,7 +370,9 @@ struct Loop<T> {
     commands: mpsc::Receiver<Command>,
     /// Whether this process declared itself ready.
     ready: watch::Receiver<bool>,
-    control: Option<ControlServer>,
+    /// The control socket, served once this process is ready: until then the generation that
+    /// started it (which shares the listening socket) answers.
+    control: Option<ControlSocket>,
     record: Record,
 }
 
@@ -383,13 +380,13 @@ impl<T: Transport> Loop<T> {
     async fn run(mut self, outcome: mpsc::Sender<Result<Handover, RestartError>>) {
         let mut pending = self.wait_until_ready().await;
         self.write_pid_file();
-        let stop_control = self.serve_control();
+        let control = self.serve_control();
         self.transport.after_ready().await;
         self.release_unclaimed();
         if let Some(first) = self.await_confirmation().await {
             match pending {
                 None => pending = Some(first),
-                Some(_) => respond_later(first, Err(RestartError::InProgress)),
+                Some(_) => respond_at_once(first, Err(RestartError::InProgress)),
             }
         }
         loop {
@@ -400,16 +397,39 @@ impl<T: Transport> Loop<T> {
                     None => return,
                 },
             };
+            if initiator.is_gone() {
+                tracing::warn!(
+                    trigger = initiator.describe(),
+                    "restart not started: whoever asked for it is gone"
+                );
+                continue;
+            }
             let started = Instant::now();
             let (result, stop) = self.restart_once(initiator, &outcome).await;
             pending = stop;
             let elapsed = started.elapsed();
             match result {
-                Ok((new_pid, link)) => {
+                Ok(Success {
+                    new_pid,
+                    link,
+                    unsent,
+                }) => {
                     tracing::info!(?elapsed, ?new_pid, "restart succeeded; draining");
-                    stop_control.cancel();
-                    link.delivered(Handover::ANSWER_AT_THE_LATEST).await;
+                    // Every request still waiting is answered before the application may exit
+                    // (it learns that it may only now); the next generation then serves the
+                    // control socket.
+                    if let Some(control) = control {
+                        let status = self.record.status(true);
+                        control.hand_over(new_pid, status).await;
+                    }
                     self.answer_after_handover(new_pid).await;
+                    if let Some(handover) = unsent {
+                        // A dropped task drops the handover: that counts as having stopped.
+                        let _ = outcome.send(Ok(handover)).await;
+                    }
+                    link.verdict(Ok(()));
+                    // The initiator hears once the application stopped accepting.
+                    link.delivered(Handover::ANSWER_AT_THE_LATEST).await;
                     return;
                 }
                 Err(e) => {
@@ -443,7 +463,7 @@ impl<T: Transport> Loop<T> {
                     Command::Status(tx) => { let _ = tx.send(self.record.status(false)); }
                     Command::Restart(initiator) if *self.ready.borrow() => return Some(initiator),
                     Command::Restart(Initiator::Terminate) => stop = Some(Initiator::Terminate),
-                    Command::Restart(initiator) => respond_later(initiator, Err(RestartError::NotReadyYet)),
+                    Command::Restart(initiator) => respond_at_once(initiator, Err(RestartError::NotReadyYet)),
                 },
             }
         }
@@ -473,7 +493,7 @@ impl<T: Transport> Loop<T> {
                     }
                     Command::Restart(initiator) => {
                         tracing::warn!("{}: this generation is still on probation", initiator.describe());
-                        respond_later(initiator, Err(RestartError::InProgress));
+                        respond_at_once(initiator, Err(RestartError::InProgress));
                     }
                 },
             }
@@ -500,18 +520,9 @@ impl<T: Transport> Loop<T> {
         }
     }
 
-    /// Starts serving the control socket; the token stops it.
-    fn serve_control(&mut self) -> CancellationToken {
-        let stop = CancellationToken::new();
-        if let Some(c) = self.control.take() {
-            tokio::spawn(control::serve(
-                c.listener,
-                c.commands,
-                c.access,
-                stop.clone(),
-            ));
-        }
-        stop
+    /// Starts serving the control socket.
+    fn serve_control(&mut self) -> Option<ControlServer> {
+        self.control.take().map(ControlSocket::serve)
     }
 
     /// Closes the inherited descriptors this generation did not take, and tells the transport.
@@ -549,7 +560,7 @@ impl<T: Transport> Loop<T> {
         &mut self,
         initiator: Initiator,
         outcome: &mpsc::Sender<Result<Handover, RestartError>>,
-    ) -> (Result<(Option<u32>, Link), RestartError>, Option<Initiator>) {
+    ) -> (Result<Success, RestartError>, Option<Initiator>) {
         let trigger = match initiator {
             Initiator::Terminate => Trigger::Stop,
             _ => Trigger::Request,
@@ -575,11 +586,18 @@ impl<T: Transport> Loop<T> {
         let new_pid = handover.new_pid();
         let link = handover.link();
         self.transport.answer(initiator, &handover).await;
-        // The application stops accepting; a dropped task drops the handover, which counts
-        // as having stopped.
-        let _ = outcome.send(Ok(handover)).await;
-        self.record.probation = new_pid;
         let probation = self.ctx.config.probation;
+        // With a probation the application stops accepting now, and keeps what it needs to
+        // take over again until the verdict; without one it learns of the handover once the
+        // loop is done with it.
+        let unsent = match probation.is_zero() {
+            true => Some(handover),
+            false => {
+                let _ = outcome.send(Ok(handover)).await;
+                None
+            }
+        };
+        self.record.probation = new_pid;
         let Loop {
             transport,
             commands,
@@ -589,21 +607,27 @@ impl<T: Transport> Loop<T> {
         let (verdict, more) = while_busy(commands, record, transport.probation(probation)).await;
         self.record.in_progress = false;
         self.record.probation = None;
-        link.verdict(verdict.clone());
-        (verdict.map(|()| (new_pid, link)), stop.or(more))
+        let result = match verdict {
+            Ok(()) => Ok(Success {
+                new_pid,
+                link,
+                unsent,
+            }),
+            Err(e) => {
+                link.verdict(Err(e.clone()));
+                Err(e)
+            }
+        };
+        (result, stop.or(more))
     }
 
-    /// After the handover: requests that queued up meanwhile were satisfied by this restart
-    /// (its new PID); where there is no PID to give (systemd), they ask the new generation.
-    async fn answer_after_handover(mut self, new_pid: Option<u32>) {
+    /// After the handover: restart requests still queued were satisfied by the restart that
+    /// just succeeded.
+    async fn answer_after_handover(&mut self, new_pid: Option<u32>) {
         self.commands.close();
-        let answer = match new_pid {
-            Some(pid) => Ok(Some(pid)),
-            None => Err(RestartError::HandedOver),
-        };
         while let Some(cmd) = self.commands.recv().await {
             match cmd {
-                Command::Restart(i) => respond_later(i, answer.clone()),
+                Command::Restart(i) => i.respond(control::satisfied_by(new_pid)).await,
                 Command::Status(tx) => {
                     let _ = tx.send(self.record.status(true));
                 }
@@ -632,7 +656,7 @@ async fn while_busy<F: Future>(
                     match other {
                         // systemd is stopping us: stop once this is over.
                         Initiator::Terminate => stop = Some(other),
-                        other => respond_later(other, Err(RestartError::InProgress)),
+                        other => respond_at_once(other, Err(RestartError::InProgress)),
                     }
                 }
             },
@@ -1001,6 +1025,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_whose_client_is_gone_starts_nothing() {
+        let h = fork_exec(vec![Script::Ready], config(LONG), Hooks::default());
+        let (client, server) = tokio::net::UnixStream::pair().expect("socket pair");
+        drop(client);
+        h.send(Initiator::Socket(RestartCoordinationSocket::new(server)))
+            .await;
+        let (tx, rx) = oneshot::channel();
+        drop(rx);
+        h.send(Initiator::Handle(tx)).await;
+        // Status is answered after both: they were looked at, and dropped.
+        assert!(!h.status().await.restart_in_progress);
+        assert!(h.launcher.launched().is_empty(), "nothing was started");
+        assert_eq!(h.hooks(), (0, 0));
+    }
+
+    #[tokio::test]
     async fn systemd_validates_a_requested_restart_and_exits_with_the_restart_code() {
         let mut h = systemd(vec![Script::Ready], config(LONG), state(b"stored"));
         let (told, handover) = h.restart_and_hand_over().await;
@@ -1105,7 +1145,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn requests_queued_during_the_handover_get_its_pid_and_start_nothing() {
+    async fn the_application_hears_of_the_handover_only_after_the_loop_is_done_with_it() {
         let mut h = fork_exec(
             vec![Script::Ready, Script::Ready],
             config(LONG),
@@ -1113,14 +1153,11 @@ mod tests {
         );
         let restart = h.restart_in_background();
         let handover = h.outcome.recv().await.expect("outcome").expect("handover");
-        let late = h.restart_in_background();
-        tokio::task::yield_now().await;
+        // By now the loop has answered whatever was queued, and takes nothing more: the
+        // application may exit as soon as it is drained.
+        assert!(h.handle.restart().await.is_err());
         handover.accepting_stopped();
         assert_eq!(restart.await.expect("join").expect("restart"), Some(1000));
-        assert_eq!(
-            late.await.expect("join").expect("queued request"),
-            Some(1000)
-        );
         assert_eq!(h.launcher.launched().len(), 1, "no second restart");
     }
 

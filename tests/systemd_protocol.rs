@@ -199,12 +199,27 @@ fn store_restart_validation_and_torn_state() {
     );
     systemd.drain();
     assert!(systemd.store.contains_key("shellflip.initiator"));
+    // Another restart asked for while systemd starts the next generation waits in the stored
+    // listener: the restart under way satisfies it, and it starts no second one.
+    let in_the_gap = std::thread::spawn({
+        let socket = setup.socket.clone();
+        move || shellflip_at(&socket, &["restart", "--timeout", "30"])
+    });
+    std::thread::sleep(Duration::from_millis(300));
     let mut gen2 = setup.start(&systemd, 2);
     systemd.wait_for("READY=1", DEADLINE, &gen2.log);
     let out = initiator.join().unwrap();
     let text = out.all();
     assert!(out.status.success(), "{text}");
     assert_eq!(text.trim(), gen2.child.id().to_string());
+    let out = in_the_gap.join().unwrap();
+    assert_eq!(out.all().trim(), gen2.child.id().to_string(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        gen2.child.try_wait().unwrap().is_none(),
+        "no second restart: {}",
+        std::fs::read_to_string(&gen2.log).unwrap()
+    );
     assert_eq!(
         get(setup.http),
         format!("generation=2 pid={} greeting=second", gen2.child.id())

@@ -535,6 +535,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Extra arguments for generation 0 (and so every later one).
     pub args: Vec<String>,
+    /// The control socket's path inside the service's directory (default `control.sock`).
+    pub socket: Option<PathBuf>,
 }
 
 /// The example service, started in its own temporary directory on its own ports. Drop kills
@@ -564,9 +566,14 @@ impl Service {
         let exe = restarter();
         let dir = test_dir();
         let (http, echo) = free_addrs();
-        let socket = dir.path().join("control.sock");
+        let socket = dir
+            .path()
+            .join(opts.socket.as_deref().unwrap_or(Path::new("control.sock")));
         let config = dir.path().join("restarter.toml");
         let log = dir.path().join("stderr.log");
+        if let Some(parent) = socket.parent() {
+            std::fs::create_dir_all(parent).expect("the control socket's directory");
+        }
         std::fs::write(&config, &opts.config).expect("write config");
         let mut cmd = Command::new(exe);
         cmd.arg("--http")
@@ -728,7 +735,8 @@ impl Service {
     }
 
     /// Restarts with `restarter restart`, which must succeed; waits until the new process
-    /// answers and returns what it says.
+    /// answers, on HTTP and on the control socket (the old one answers what reached it before
+    /// it handed over), and returns what it says.
     pub fn restart(&self) -> Hello {
         let before = self.hello();
         let out = self.restart_cmd();
@@ -749,6 +757,7 @@ impl Service {
             before.generation + 1,
             "{before:?} -> {after:?}"
         );
+        self.wait_for_control_pid(pid);
         after
     }
 
@@ -773,12 +782,17 @@ impl Service {
     }
 
     /// Waits until the control socket is answered by `pid` (after a restart that nobody was
-    /// told about, such as one by signal).
+    /// told about, such as one by signal). A process in the middle of handing over may tell
+    /// a client to ask again: it is asked again.
     pub fn wait_for_control_pid(&self, pid: u32) {
         wait_until(
             &format!("pid {pid} to answer on the control socket"),
             DEADLINE,
-            || (self.status_field("pid") == pid.to_string()).then_some(()),
+            || {
+                let out = self.shellflip(&["status"]);
+                (out.status.success() && out.stdout.lines().any(|l| l == format!("pid: {pid}")))
+                    .then_some(())
+            },
         );
     }
 

@@ -5,34 +5,35 @@
 //! `{"Response":{"RestartFailed":"why"}}`. `{"Request":"Status"}` is answered with
 //! `{"Response":{"Status":{...}}}`.
 //!
-//! The server checks the peer's credentials, reads one request per connection within a deadline,
-//! caps frame sizes and the number of connections, and never lets a slow or hostile client hold
-//! up another client or a restart.
+//! * `socket_file`: the socket's file — bound once under a lock, never over anything but a
+//!   stale socket, bound again by a generation that finds it gone.
+//! * `server`: the server — peer credentials checked at accept, a bounded number of idle
+//!   connections, every connection answered, also across the handover to the next generation.
+//! * here: the messages, the client, and what the server hands to the restart loop.
+
+mod server;
+mod socket_file;
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::Path;
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
-use tokio_util::sync::CancellationToken;
 
-use crate::config::RestartConfig;
-use crate::inherit::{self, CONTROL_FD};
-use crate::outcome::{RestartError, SetupError};
-use crate::registry::{Kind, classify};
+use crate::outcome::RestartError;
 
-/// Largest frame accepted, either way.
+pub(crate) use server::ControlServer;
+pub(crate) use socket_file::ControlSocket;
+
+/// Largest frame the client reads (the server reads requests of a few kilobytes at most).
 pub(crate) const MAX_FRAME: usize = 64 * 1024;
-/// How long a client has to send its request, and the server to write an answer.
+/// How long the server has to write an answer.
 const IO_DEADLINE: Duration = Duration::from_secs(5);
-/// Connections served at once; more are told to come back later.
-const MAX_CONNECTIONS: usize = 64;
 
 /// Any message on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,26 +244,37 @@ impl RestartCoordinationSocket {
 
     /// Asks for a restart and waits for its outcome: the new PID, or why it failed.
     pub async fn send_restart_command(&mut self) -> Result<u32, ControlError> {
-        self.send_message(RestartMessage::Request(RestartRequest::TryRestart))
-            .await?;
-        match self.receive_message().await? {
-            RestartMessage::Response(RestartResponse::RestartComplete(pid)) => Ok(pid),
-            RestartMessage::Response(RestartResponse::RestartFailed(why)) => {
-                Err(ControlError::RestartFailed(why))
-            }
+        match self.ask(RestartRequest::TryRestart).await? {
+            RestartResponse::RestartComplete(pid) => Ok(pid),
+            RestartResponse::RestartFailed(why) => Err(ControlError::RestartFailed(why)),
             other => Err(ControlError::Unexpected(format!("{other:?}"))),
         }
     }
 
     /// Asks for the service's status.
     pub async fn send_status_request(&mut self) -> Result<Status, ControlError> {
-        self.send_message(RestartMessage::Request(RestartRequest::Status))
-            .await?;
-        match self.receive_message().await? {
-            RestartMessage::Response(RestartResponse::Status(s)) => Ok(s),
-            RestartMessage::Response(RestartResponse::RestartFailed(why)) => {
-                Err(ControlError::RestartFailed(why))
+        match self.ask(RestartRequest::Status).await? {
+            RestartResponse::Status(s) => Ok(s),
+            RestartResponse::RestartFailed(why) => Err(ControlError::RestartFailed(why)),
+            other => Err(ControlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends `request` and reads the answer. A service that answers and closes without reading
+    /// (a refusal) makes the write fail with a broken pipe: its answer is read all the same.
+    async fn ask(&mut self, request: RestartRequest) -> Result<RestartResponse, ControlError> {
+        match self.send_message(RestartMessage::Request(request)).await {
+            Ok(()) => {}
+            Err(ControlError::Io(e)) if peer_closed(&e) => {
+                return match self.receive_message().await {
+                    Ok(RestartMessage::Response(answer)) => Ok(answer),
+                    _ => Err(ControlError::Io(e)),
+                };
             }
+            Err(e) => return Err(e),
+        }
+        match self.receive_message().await? {
+            RestartMessage::Response(answer) => Ok(answer),
             other => Err(ControlError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -287,6 +299,54 @@ impl RestartCoordinationSocket {
     pub(crate) fn into_inner(self) -> UnixStream {
         self.codec.into_inner()
     }
+}
+
+/// The answer to a restart request: `Ok(None)` means "this process is exiting for systemd to
+/// start the next one", answered with this PID.
+fn response(outcome: Result<Option<u32>, RestartError>) -> RestartMessage {
+    RestartMessage::Response(match outcome {
+        Ok(pid) => RestartResponse::RestartComplete(pid.unwrap_or_else(std::process::id)),
+        Err(why) => RestartResponse::RestartFailed(why.to_string()),
+    })
+}
+
+/// The bytes of `msg` on the wire: length, then JSON.
+fn encode(msg: &RestartMessage) -> Option<Vec<u8>> {
+    let json = serde_json::to_vec(msg).ok()?;
+    let mut frame = u32::try_from(json.len()).ok()?.to_be_bytes().to_vec();
+    frame.extend_from_slice(&json);
+    Some(frame)
+}
+
+/// Writes `msg` without waiting (a small answer on a connection nothing else was written to
+/// always fits), for connections answered without a task.
+fn answer_now(fd: BorrowedFd<'_>, msg: &RestartMessage) {
+    use nix::sys::socket::{MsgFlags, send};
+    if let Some(frame) = encode(msg) {
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        if let Err(e) = send(fd.as_raw_fd(), &frame, flags) {
+            tracing::debug!("control socket: cannot answer a client: {e}");
+        }
+    }
+}
+
+/// Whether a write failed because the other side closed its end.
+fn peer_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Whether the peer of `stream` closed its end (`POLLHUP`), seen without waiting. A client
+/// that only shut down its writing side still waits for its answer, and is not gone.
+fn hung_up(stream: &UnixStream) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
 }
 
 /// Who asked for a restart, and how to tell them the outcome.
@@ -322,8 +382,8 @@ impl Initiator {
         }
     }
 
-    /// [`respond`](Self::respond) from synchronous code (any thread): the answer is written
-    /// before this returns, within the deadline.
+    /// Answers at once, without waiting and without a task that could die with the process:
+    /// the one small answer on a connection always fits in its buffer.
     pub(crate) fn respond_now(self, outcome: Result<Option<u32>, RestartError>) {
         match self {
             Initiator::RestartSignal | Initiator::Terminate => {}
@@ -331,10 +391,18 @@ impl Initiator {
                 let _ = tx.send(outcome);
             }
             Initiator::Socket(socket) => {
-                if let Err(e) = write_now(socket, response(outcome)) {
-                    tracing::warn!("cannot answer the restart's initiator: {e}");
-                }
+                answer_now(socket.codec.get_ref().as_fd(), &response(outcome))
             }
+        }
+    }
+
+    /// Whether whoever asked has gone away (closed its connection, dropped its handle): its
+    /// restart is not carried out then. A signal never goes away.
+    pub(crate) fn is_gone(&self) -> bool {
+        match self {
+            Initiator::RestartSignal | Initiator::Terminate => false,
+            Initiator::Handle(tx) => tx.is_closed(),
+            Initiator::Socket(socket) => hung_up(socket.codec.get_ref()),
         }
     }
 
@@ -348,31 +416,19 @@ impl Initiator {
     }
 }
 
-/// The answer to a restart request.
-fn response(outcome: Result<Option<u32>, RestartError>) -> RestartMessage {
-    RestartMessage::Response(match outcome {
-        Ok(pid) => RestartResponse::RestartComplete(pid.unwrap_or_else(std::process::id)),
-        Err(why) => RestartResponse::RestartFailed(why.to_string()),
-    })
-}
-
-/// Writes one frame with a blocking write, within [`IO_DEADLINE`].
-fn write_now(socket: RestartCoordinationSocket, msg: RestartMessage) -> io::Result<()> {
-    use std::io::Write;
-    let json = serde_json::to_vec(&msg)?;
-    let len = u32::try_from(json.len()).map_err(io::Error::other)?;
-    let mut frame = len.to_be_bytes().to_vec();
-    frame.extend_from_slice(&json);
-    let mut stream = socket.into_inner().into_std()?;
-    stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(IO_DEADLINE))?;
-    stream.write_all(&frame)
-}
-
 /// What the server hands to the restart loop.
 pub(crate) enum Command {
     Restart(Initiator),
     Status(oneshot::Sender<Status>),
+}
+
+/// What answers a restart request that was still waiting when a restart succeeded: that
+/// restart's new PID (fork/exec), or "in progress" while systemd starts the next generation.
+pub(crate) fn satisfied_by(new_pid: Option<u32>) -> Result<Option<u32>, RestartError> {
+    match new_pid {
+        Some(pid) => Ok(Some(pid)),
+        None => Err(RestartError::InProgress),
+    }
 }
 
 /// Access rules for the control socket.
@@ -387,170 +443,9 @@ impl Access {
     }
 }
 
-/// Binds the control socket at `path` with `mode`: bound under a temporary name, given its
-/// mode, then renamed over `path`, so that it never exists with looser permissions. A socket
-/// file that something still listens on is not replaced.
-pub(crate) fn bind(path: &Path, mode: u32) -> io::Result<std::os::unix::net::UnixListener> {
-    crate::registry::remove_stale_socket(path)?;
-    let file_name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "control socket path has no file name",
-        )
-    })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp: PathBuf = path.with_file_name(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
-    let result = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    listener.set_nonblocking(true)?;
-    Ok(listener)
-}
-
-/// The control socket's listener: inherited from the previous generation, or bound now; either
-/// way registered, so that the next generation inherits it.
-pub(crate) fn listener(config: &RestartConfig) -> Result<tokio::net::UnixListener, SetupError> {
-    let path = &config.coordination_socket_path;
-    let err = |source: io::Error| SetupError::ControlSocket {
-        path: path.clone(),
-        source,
-    };
-    let fd = match inherit::take(CONTROL_FD).map_err(|e| err(io::Error::other(e)))? {
-        Some(fd) if classify(std::os::fd::AsFd::as_fd(&fd)) == Kind::UnixListener => fd,
-        Some(_) => {
-            return Err(err(io::Error::other(
-                "the inherited control socket is not a listening Unix socket",
-            )));
-        }
-        None => bind(path, config.socket_mode).map_err(err)?.into(),
-    };
-    let listener = std::os::unix::net::UnixListener::from(fd);
-    listener.set_nonblocking(true).map_err(err)?;
-    let keep = listener.try_clone().map_err(err)?;
-    config
-        .registry
-        .insert_internal(CONTROL_FD, keep.into(), Some(path.clone()))
-        .map_err(|e| err(io::Error::other(e)))?;
-    tokio::net::UnixListener::from_std(listener).map_err(err)
-}
-
-/// Accepts control connections until `stop` is cancelled; each in its own task.
-pub(crate) async fn serve(
-    listener: tokio::net::UnixListener,
-    commands: mpsc::Sender<Command>,
-    access: Access,
-    stop: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let conn = tokio::select! {
-            _ = stop.cancelled() => return,
-            conn = listener.accept() => conn,
-        };
-        let stream = match conn {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!("control socket: accept failed: {e}");
-                // Out of descriptors and the like: give the system a moment instead of spinning.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let mut socket = RestartCoordinationSocket::new(stream);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(async move {
-                refuse(&mut socket, "too many control connections; try again").await;
-            });
-            continue;
-        };
-        let commands = commands.clone();
-        let access = access.clone();
-        tokio::spawn(async move {
-            handle(socket, commands, access).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn refuse(socket: &mut RestartCoordinationSocket, why: &str) {
-    let msg = RestartMessage::Response(RestartResponse::RestartFailed(why.into()));
-    let _ = tokio::time::timeout(IO_DEADLINE, socket.send_message(msg)).await;
-}
-
-async fn handle(
-    mut socket: RestartCoordinationSocket,
-    commands: mpsc::Sender<Command>,
-    access: Access,
-) {
-    match socket.codec.get_ref().peer_cred() {
-        Ok(cred) if access.allows(cred.uid()) => {}
-        Ok(cred) => {
-            tracing::warn!(
-                uid = cred.uid(),
-                "control socket: refused a client of another user"
-            );
-            refuse(&mut socket, "permission denied").await;
-            return;
-        }
-        Err(e) => {
-            tracing::warn!("control socket: cannot read the peer's credentials: {e}");
-            return;
-        }
-    }
-    let request = match tokio::time::timeout(IO_DEADLINE, socket.receive_message()).await {
-        Err(_) => {
-            refuse(&mut socket, "no request received in time").await;
-            return;
-        }
-        Ok(Err(ControlError::Closed)) => return,
-        Ok(Err(e)) => {
-            tracing::warn!("{e}");
-            refuse(&mut socket, &format!("invalid request: {e}")).await;
-            return;
-        }
-        Ok(Ok(RestartMessage::Request(r))) => r,
-        Ok(Ok(other)) => {
-            refuse(&mut socket, &format!("invalid request: {other:?}")).await;
-            return;
-        }
-    };
-    match request {
-        RestartRequest::TryRestart => {
-            if let Err(mpsc::error::SendError(Command::Restart(initiator))) = commands
-                .send(Command::Restart(Initiator::Socket(socket)))
-                .await
-            {
-                initiator.respond(Err(RestartError::HandedOver)).await;
-            }
-        }
-        RestartRequest::Status => {
-            let (tx, rx) = oneshot::channel();
-            if commands.send(Command::Status(tx)).await.is_err() {
-                refuse(&mut socket, "this process is shutting down").await;
-                return;
-            }
-            let msg = match rx.await {
-                Ok(status) => RestartMessage::Response(RestartResponse::Status(status)),
-                Err(_) => RestartMessage::Response(RestartResponse::RestartFailed(
-                    "this process is shutting down".into(),
-                )),
-            };
-            let _ = tokio::time::timeout(IO_DEADLINE, socket.send_message(msg)).await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
 
     #[test]
     fn json_is_compatible_with_shellflip_2() {
@@ -585,88 +480,46 @@ mod tests {
         assert_eq!(&buf[4..], br#"{"Request":"TryRestart"}"#);
     }
 
-    async fn serve_pair() -> (
-        tempfile::TempDir,
-        PathBuf,
-        mpsc::Receiver<Command>,
-        CancellationToken,
-    ) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sock");
-        let l = tokio::net::UnixListener::from_std(bind(&path, 0o600).unwrap()).unwrap();
-        let (tx, rx) = mpsc::channel(4);
-        let stop = CancellationToken::new();
-        tokio::spawn(serve(
-            l,
-            tx,
-            Access {
-                allowed_uids: vec![],
-            },
-            stop.clone(),
-        ));
-        (dir, path, rx, stop)
+    #[tokio::test]
+    async fn a_client_reads_the_answer_written_before_the_server_closed() {
+        for ask_status in [false, true] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let mut server = RestartCoordinationSocket::new(b);
+            server
+                .send_message(RestartMessage::Response(RestartResponse::RestartFailed(
+                    "permission denied".into(),
+                )))
+                .await
+                .unwrap();
+            drop(server);
+            let mut client = RestartCoordinationSocket::new(a);
+            let err = match ask_status {
+                false => client.send_restart_command().await.map(drop).unwrap_err(),
+                true => client.send_status_request().await.map(drop).unwrap_err(),
+            };
+            assert!(
+                matches!(err, ControlError::RestartFailed(ref why) if why == "permission denied"),
+                "{err:?}"
+            );
+        }
     }
 
     #[tokio::test]
-    async fn socket_mode_is_0600() {
-        let (_d, path, _rx, stop) = serve_pair().await;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        stop.cancel();
-    }
+    async fn an_initiator_is_gone_once_its_client_closed_but_not_when_it_only_stopped_writing() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let initiator = Initiator::Socket(RestartCoordinationSocket::new(b));
+        assert!(!initiator.is_gone());
+        let a = a.into_std().unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(!initiator.is_gone(), "a half-closed client still waits");
+        drop(a);
+        assert!(initiator.is_gone());
 
-    #[tokio::test]
-    async fn garbage_and_oversized_frames_get_an_error_and_trigger_nothing() {
-        let (_d, path, mut rx, stop) = serve_pair().await;
-        let mut s = UnixStream::connect(&path).await.unwrap();
-        s.write_all(&5u32.to_be_bytes()).await.unwrap();
-        s.write_all(b"hello").await.unwrap();
-        let mut c = RestartCoordinationSocket::new(s);
-        let answer = c.receive_message().await.unwrap();
-        assert!(
-            matches!(answer, RestartMessage::Response(RestartResponse::RestartFailed(ref w)) if w.contains("invalid request")),
-            "{answer:?}"
-        );
-
-        let mut s = UnixStream::connect(&path).await.unwrap();
-        s.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
-            .await
-            .unwrap();
-        let mut c = RestartCoordinationSocket::new(s);
-        let answer = c.receive_message().await.unwrap();
-        assert!(matches!(
-            answer,
-            RestartMessage::Response(RestartResponse::RestartFailed(_))
-        ));
-        assert!(rx.try_recv().is_err(), "nothing reached the restart loop");
-        stop.cancel();
-    }
-
-    #[tokio::test]
-    async fn a_silent_client_does_not_block_another() {
-        let (_d, path, mut rx, stop) = serve_pair().await;
-        let _silent = UnixStream::connect(&path).await.unwrap();
-        let mut c = RestartCoordinationSocket::connect(&path).await.unwrap();
-        c.send_message(RestartMessage::Request(RestartRequest::TryRestart))
-            .await
-            .unwrap();
-        let cmd = rx.recv().await.unwrap();
-        let Command::Restart(initiator) = cmd else {
-            panic!("expected a restart")
-        };
-        initiator.respond(Ok(Some(7))).await;
-        assert_eq!(
-            c.receive_message().await.unwrap(),
-            RestartMessage::Response(RestartResponse::RestartComplete(7))
-        );
-        stop.cancel();
-    }
-
-    #[tokio::test]
-    async fn a_live_socket_file_is_not_replaced() {
-        let (_d, path, _rx, stop) = serve_pair().await;
-        let err = bind(&path, 0o600).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-        stop.cancel();
+        let (tx, rx) = oneshot::channel();
+        let initiator = Initiator::Handle(tx);
+        assert!(!initiator.is_gone());
+        drop(rx);
+        assert!(initiator.is_gone());
+        assert!(!Initiator::RestartSignal.is_gone());
     }
 }
