@@ -162,6 +162,8 @@ pub mod shutdown;
 mod state;
 mod successor;
 mod systemd;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod transport;
 
 /// Re-exported so that [`LifecycleHandler`] can be implemented without adding a dependency:
