@@ -64,7 +64,11 @@ async fn serve() -> Result<i32, Box<dyn std::error::Error>> {
             ("--socket", Some(v)) => socket = v.into(),
             ("--cert", Some(v)) => cert_file = Some(v),
             ("--key", Some(v)) => key_file = Some(v),
-            _ => return Err("usage: tls [--https ADDR] [--socket PATH] [--cert PEM --key PEM]".into()),
+            _ => {
+                return Err(
+                    "usage: tls [--https ADDR] [--socket PATH] [--cert PEM --key PEM]".into(),
+                );
+            }
         }
     }
     let mut state = shellflip::receive_from_old_process();
@@ -80,13 +84,19 @@ async fn serve() -> Result<i32, Box<dyn std::error::Error>> {
         }
         (None, None, Some(state)) => {
             let (cert, key) = (read_part(state).await?, read_part(state).await?);
-            let parsed = (vec![cert.clone().into()], PrivateKeyDer::try_from(key.clone())?);
+            let parsed = (
+                vec![cert.clone().into()],
+                PrivateKeyDer::try_from(key.clone())?,
+            );
             (parsed, Some((cert, key)))
         }
         (None, None, None) => {
             let made = rcgen::generate_simple_self_signed(["localhost".to_owned()])?;
             let (cert, key) = (made.cert.der().to_vec(), made.signing_key.serialize_der());
-            let parsed = (vec![cert.clone().into()], PrivateKeyDer::try_from(key.clone())?);
+            let parsed = (
+                vec![cert.clone().into()],
+                PrivateKeyDer::try_from(key.clone())?,
+            );
             (parsed, Some((cert, key)))
         }
         _ => return Err("--cert and --key go together".into()),
@@ -157,6 +167,8 @@ async fn serve() -> Result<i32, Box<dyn std::error::Error>> {
     };
     drop(listener); // stop accepting: the new process accepts on the same socket
     handover.accepting_stopped(); // only now does `shellflip restart` hear the new PID
-    shutdown.shutdown_with_timeout(Duration::from_secs(10)).await;
+    shutdown
+        .shutdown_with_timeout(Duration::from_secs(10))
+        .await;
     Ok(handover.exit_code())
 }

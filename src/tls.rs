@@ -162,8 +162,7 @@ impl TicketKeys {
         let period_secs = check_period(period)?;
         let rng = SystemRandom::new();
         let mut secret = [0; SECRET_LEN];
-        rng.fill(&mut secret)
-            .map_err(|_| TicketKeysError::Random)?;
+        rng.fill(&mut secret).map_err(|_| TicketKeysError::Random)?;
         let epoch = now_secs() / period_secs;
         Ok(TicketKeys {
             ratchet: Arc::new(Mutex::new(Ratchet {
@@ -475,7 +474,10 @@ fn expand(prk: &Prk, info: &[u8], out: &mut [u8]) {
         .expand(&info, Len(out.len()))
         .and_then(|okm| okm.fill(out));
     if filled.is_err() {
-        unreachable!("HKDF-SHA256 expands to at most 8160 bytes; asked for {}", out.len());
+        unreachable!(
+            "HKDF-SHA256 expands to at most 8160 bytes; asked for {}",
+            out.len()
+        );
     }
 }
 
