@@ -148,6 +148,8 @@ compile_error!(
 mod config;
 pub mod control;
 mod fork_exec;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 #[cfg(feature = "hyper")]
 pub mod http;
 mod inherit;
