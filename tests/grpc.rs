@@ -13,7 +13,6 @@
 
 mod common;
 
-#[allow(dead_code)]
 #[path = "../examples/grpc/proto.rs"]
 mod proto;
 
