@@ -61,6 +61,26 @@ use crate::restart::{RestartTask, Stop};
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Why [`serve`] ended without a restart or SIGTERM to drain for.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn f(listener: tokio::net::TcpListener, mut restart: shellflip::RestartTask, routes: tonic::service::Routes) {
+/// use shellflip::grpc::ServeError;
+///
+/// let served = shellflip::grpc::serve(&listener, &mut restart, std::time::Duration::from_secs(30), |incoming, shutdown| {
+///     tonic::transport::Server::builder()
+///         .add_routes(routes)
+///         .serve_with_incoming_shutdown(incoming, shutdown)
+/// })
+/// .await;
+/// match served {
+///     Ok(_stop) => { /* drained: exit */ }
+///     Err(ServeError::Restart(e)) => eprintln!("no more restarts: {e}"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServeError {

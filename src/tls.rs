@@ -67,6 +67,18 @@ const SERIALIZED_LEN: usize = 4 + 1 + 8 + 8 + SECRET_LEN + 1 + SECRET_LEN;
 const MAX_PERIOD: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// Why ticket keys could not be made or read.
+///
+/// # Examples
+///
+/// ```
+/// use shellflip::tls::{TicketKeys, TicketKeysError};
+///
+/// match TicketKeys::from_bytes(b"torn") {
+///     Err(TicketKeysError::Malformed(why)) => eprintln!("starting with new keys: {why}"),
+///     Err(e) => eprintln!("{e}"),
+///     Ok(_) => unreachable!(),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TicketKeysError {
