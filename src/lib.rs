@@ -151,6 +151,8 @@ mod fork_exec;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 #[cfg(feature = "hyper")]
 pub mod http;
 mod inherit;
@@ -165,6 +167,8 @@ pub mod shutdown;
 mod state;
 mod successor;
 mod systemd;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod transport;
 
 /// Re-exported so that [`LifecycleHandler`] can be implemented without adding a dependency:

@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod cleanup;
 pub mod fake_systemd;
 
 use std::collections::BTreeSet;
