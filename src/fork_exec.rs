@@ -1,18 +1,23 @@
 //! The fork/exec lifecycle: the old process starts its successor, streams its state to it, and
 //! waits until it is ready. If anything fails, the successor is killed and reaped and the old
 //! process carries on as if nothing happened: its listeners were never closed.
+//!
+//! Under systemd each restart is a reload: `RELOADING=1` with `MONOTONIC_USEC=` when it begins
+//! (what `Type=notify-reload` waits for after its `ReloadSignal=`), then `READY=1` with
+//! `MAINPID=` (and `MAINPIDFD=1`) from the successor once it took over, or `READY=1` with the
+//! reason in `STATUS=` from this process when it failed, so that the reload always ends.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use sd_notify::NotifyState;
 
-use crate::control::LifecycleKind;
+use crate::control::{Attempt, AttemptOutcome, LifecycleKind};
 use crate::inherit::{self, Mode, STATE_FD};
 use crate::lifecycle::send_state;
-use crate::notify::notify;
+use crate::notify::{notify, reload_failed, reloading};
 use crate::outcome::{Handover, RestartError, SuccessorFailure};
 use crate::successor::{Child, Launcher};
 use crate::transport::{Context, Transport, Trigger};
@@ -22,6 +27,21 @@ const STATE_PIPE_SIZE: libc::c_int = 1024 * 1024;
 
 /// How long a successor that stopped reading the state has to report why.
 const REPORT_WAIT: Duration = Duration::from_secs(2);
+
+/// The restart this process began last, for the status report (`shellflip await-restart`).
+static LAST_ATTEMPT: Mutex<Option<Attempt>> = Mutex::new(None);
+
+/// The restart this process began last, and how it stands.
+pub(crate) fn last_attempt() -> Option<Attempt> {
+    LAST_ATTEMPT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+fn record_attempt(update: impl FnOnce(&mut Option<Attempt>)) {
+    update(&mut LAST_ATTEMPT.lock().unwrap_or_else(|p| p.into_inner()));
+}
 
 /// The fork/exec lifecycle, starting successors with `L`.
 pub(crate) struct ForkExec<L> {
@@ -47,8 +67,27 @@ impl<L: Launcher> Transport for ForkExec<L> {
         ctx: &mut Context,
         _trigger: Trigger,
     ) -> Result<Handover, RestartError> {
+        record_attempt(|a| *a = Some(Attempt::begin()));
+        reloading("restarting: starting the next generation");
         ctx.handler.pre_new_process().await;
         let result = self.start_and_confirm(ctx, Instant::now()).await;
+        let outcome = match &result {
+            Ok(handover) => AttemptOutcome::HandedOver {
+                pid: handover.new_pid(),
+            },
+            Err(e) => {
+                // Ends the reload (systemd would wait for READY=1 for good) and says why.
+                reload_failed(&e.to_string());
+                AttemptOutcome::Failed {
+                    reason: e.to_string(),
+                }
+            }
+        };
+        record_attempt(|a| {
+            if let Some(a) = a {
+                a.outcome = outcome;
+            }
+        });
         if result.is_err() {
             ctx.handler.new_process_failed().await;
         }

@@ -268,6 +268,7 @@ impl Record {
             restart_in_progress: self.in_progress,
             last_result: self.last.clone(),
             state_on_start: crate::lifecycle::state_on_start(),
+            last_attempt: crate::fork_exec::last_attempt(),
         }
     }
 }
