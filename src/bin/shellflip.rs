@@ -704,7 +704,7 @@ mod tests {
         assert!(lines[2].contains("shellflip restart --help"), "{report}");
         let report = parse_list(&["frobnicate"]).unwrap_err().report();
         assert!(
-            report.contains("usage: shellflip (restart|status)"),
+            report.contains("usage: shellflip (restart|status|await-restart)"),
             "{report}"
         );
         assert!(report.contains("'shellflip --help'"), "{report}");
