@@ -137,7 +137,7 @@ pub use control::{LastRestart, LifecycleKind, RestartCoordinationSocket, Status}
 pub use inherit::{InheritError, Origin, generation, init_from_env, is_validation_run, origin};
 pub use lifecycle::{
     LifecycleHandler, NullLifecycleHandler, PipeReader, PipeWriter, receive_from_old_process,
-    try_receive_from_old_process,
+    try_receive_from_old_process, try_receive_from_old_process_within,
 };
 pub use outcome::{ExitStatus, Handover, RestartError, SetupError, SuccessorFailure};
 pub use readiness::{report_startup_failure, startup_complete};
