@@ -42,6 +42,7 @@ pub const PROTOCOL_VARS: &[&str] = &[
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",
     "NOTIFY_SOCKET",
 ];
 
