@@ -29,7 +29,8 @@
 #   h  Type=notify-reload (restarter-reload.service): 5 `systemctl reload`s under keep-alive
 #      load, each moving the main PID to the new process, which names itself with MAINPIDFD=1
 #      (257); RELOADING=1 with MONOTONIC_USEC= in one message, accepted (with ExecReload=
-#      cleared, reloads end on the notifications alone); a refused restart ends the reload
+#      cleared, reloads end on the notifications alone; a reload asked for while a restart on
+#      the control socket runs waits for it, then reloads); a refused restart ends the reload
 #      (never stuck "reloading"), fails `systemctl reload` through `shellflip await-restart`
 #      with the reason in the journal, and the old main PID keeps serving
 # From systemd 254 (here 257):
@@ -464,6 +465,27 @@ UNIT
     show "${bad_reloads[@]}"
     expect "h: with ExecReload= cleared, 3 reloads end on RELOADING=1+MONOTONIC_USEC= and READY=1 alone: MONOTONIC_USEC accepted (generation $before -> $generation)" \
         test "${#bad_reloads[@]}" = 0 -a "$generation" = $((before + 3))
+    # `systemctl reload` while a restart asked for on the control socket runs (its successor
+    # slow to be ready): that restart said RELOADING=1, so the unit is "reloading" already, and
+    # systemd holds the reload job until it ends, then reloads: two generations, both served.
+    pid_before=$(main_pid restarter-reload)
+    write_config 'startup_delay_ms = 1500'
+    shellflip_cli restart --socket "$rl_sock" >"$work/joined.out" 2>&1 &
+    joined_restart=$!
+    sleep 0.5
+    reloading_now=$(active_state restarter-reload)
+    c timeout 30 systemctl reload restarter-reload && rc=0 || rc=$?
+    wait "$joined_restart" && restart_rc=0 || restart_rc=$?
+    write_config ""
+    first=$(cat "$work/joined.out")
+    last=$(main_pid restarter-reload)
+    got=$(generation_at "$rl_http_port")
+    show "while shellflip restart ran the unit was $reloading_now; systemctl reload: exit $rc; shellflip restart: exit $restart_rc: $first; MainPID now $last"
+    expect "h: systemctl reload during a restart on the control socket waits for it (unit $reloading_now), then reloads: MainPID $pid_before -> $first -> $last, generation $generation -> ${got:-none}" \
+        test "$reloading_now" = reloading -a "$rc" = 0 -a "$restart_rc" = 0 \
+        -a "$first" != "$pid_before" -a "$last" != "$first" -a "$last" != "$pid_before" \
+        -a "${got:-x}" = $((generation + 2))
+    generation=${got:-$generation}
     # ... where a refused restart still ends the reload: READY=1 from the old process, with the
     # reason in STATUS= (without it systemd 257 would stay "reloading" for good).
     pid_before=$(main_pid restarter-reload)

@@ -17,13 +17,16 @@ use sd_notify::NotifyState;
 use crate::control::{Attempt, AttemptOutcome, LifecycleKind};
 use crate::inherit::{self, Mode, STATE_FD};
 use crate::lifecycle::send_state;
-use crate::notify::{notify, reload_failed, reloading};
+use crate::notify::{notify, notify_socket_set, reload_failed, reloading};
 use crate::outcome::{Handover, RestartError, SuccessorFailure};
 use crate::successor::{Child, Launcher};
 use crate::transport::{Context, Transport, Trigger};
 
 /// The state pipe's capacity: one chunk of the state framing.
 const STATE_PIPE_SIZE: libc::c_int = 1024 * 1024;
+
+/// `STATUS=` while a restart runs.
+const RELOADING_STATUS: &str = "restarting: starting the next generation";
 
 /// How long a successor that stopped reading the state has to report why.
 const REPORT_WAIT: Duration = Duration::from_secs(2);
@@ -68,9 +71,36 @@ impl<L: Launcher> Transport for ForkExec<L> {
         _trigger: Trigger,
     ) -> Result<Handover, RestartError> {
         record_attempt(|a| *a = Some(Attempt::begin()));
-        reloading("restarting: starting the next generation");
+        reloading(RELOADING_STATUS);
+        // A reload signal that reaches this process while the restart runs joins it (the loop
+        // refuses it as "in progress"): systemd waits for a RELOADING=1 stamped after its
+        // signal, so say it again. (Once our RELOADING=1 reached systemd the unit is
+        // "reloading" and systemd holds a `systemctl reload` until it ends; the signal can only
+        // cross it when both begin at the same moment.)
+        let mut reload_signals = match notify_socket_set() {
+            true => tokio::signal::unix::signal(ctx.config.restart_signal).ok(),
+            false => None,
+        };
         ctx.handler.pre_new_process().await;
-        let result = self.start_and_confirm(ctx, Instant::now()).await;
+        let result = {
+            let work = self.start_and_confirm(ctx, Instant::now());
+            tokio::pin!(work);
+            loop {
+                let joined = async {
+                    match &mut reload_signals {
+                        Some(signals) => signals.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = &mut work => break r,
+                    Some(()) = joined => {
+                        tracing::info!("restart signal during the restart: the reload joins it");
+                        reloading(RELOADING_STATUS);
+                    }
+                }
+            }
+        };
         let outcome = match &result {
             Ok(handover) => AttemptOutcome::HandedOver {
                 pid: handover.new_pid(),
