@@ -494,7 +494,7 @@ UNIT
     write_config ""
     status_text=$(c systemctl show -p StatusText --value restarter-reload)
     show "systemctl reload: exit $rc; StatusText=$status_text"
-    expect "h: ... and a refused restart ends the reload at once (exit $rc: systemd before 258 cannot fail it by notification), unit active, not reloading, STATUS= says why" \
+    expect "h: ... and a refused restart ends the reload at once (exit $rc: systemd 257 cannot fail it by notification), unit active, not reloading, STATUS= says why" \
         test "$rc" != 124 -a "$(active_state restarter-reload)" = active \
         -a "$(main_pid restarter-reload)" = "$pid_before" \
         -a "$(grep -c 'restart failed, still serving: .*state format 1 is not the format 2' <<<"$status_text")" = 1

@@ -206,6 +206,9 @@ impl<L: Launcher> ForkExec<L> {
 fn succeeded(successor: impl Child, started: Instant) -> Handover {
     let pid = successor.pid();
     tracing::info!(pid, elapsed = ?started.elapsed(), "restart: successor ready");
+    // The successor said READY=1 with MAINPID= (and MAINPIDFD=1) itself, before it told us,
+    // which ended the reload. MAINPID= again, for a successor that does not say it; not
+    // READY=1, which could end the next reload early if this message were late.
     notify(&[NotifyState::MainPid(pid)]);
     successor.reap_in_background();
     Handover::new(Some(pid), 0)

@@ -222,8 +222,10 @@ fn counter_under_systemd_says_reloading_and_the_new_process_ends_it() {
         ready.lines().any(|l| l == "STATUS=serving, generation 1"),
         "{ready:?}"
     );
-    // The old process's MAINPID= of the new one comes after (a no-op for systemd by then).
-    systemd.wait_for(&main_pid, DEADLINE, &cleanup.log);
+    // The old process's MAINPID= of the new one comes after (a no-op for systemd by then),
+    // without READY=1.
+    let repeated = systemd.wait_for(&main_pid, DEADLINE, &cleanup.log);
+    assert!(!repeated.lines().any(|l| l == "READY=1"), "{repeated:?}");
     wait_until("the old process to exit", DEADLINE, || {
         (!is_running(pid0)).then_some(())
     });

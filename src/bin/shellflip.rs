@@ -92,7 +92,7 @@ usage: shellflip await-restart --socket PATH [--main-pid PID] [--timeout SECS]
 For ExecReload= in a Type=notify-reload unit whose ReloadSignal= is the service's
 restart signal: systemd sends the signal, which begins the restart, and runs this,
 whose exit status is the outcome of `systemctl reload` (a notification alone cannot
-fail a reload before systemd 258). It follows the restart the signalled process
+fail a reload in systemd 257). It follows the restart the signalled process
 began (at most a second before this command started, or in progress), and prints the
 new generation's PID and exits 0 once another process answers on the socket, or
 prints `restart failed: REASON` and exits 1 when the restart failed (the old process
