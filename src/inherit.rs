@@ -800,6 +800,36 @@ mod tests {
     }
 
     #[test]
+    fn adoption_checks_listen_pidfdid_against_this_process() {
+        // 4000 descriptors that are certainly not open: adopting them fails with NotOpen, so
+        // the outcome tells whether the environment was taken as meant for this process.
+        let pid = std::process::id().to_string();
+        let names: Vec<String> = (0..4000).map(|i| format!("n{i}")).collect();
+        let with_id = |id: String| {
+            read_environment(&env(&[
+                ("LISTEN_PID", pid.clone()),
+                ("LISTEN_PIDFDID", id),
+                ("LISTEN_FDS", "4000".into()),
+                ("LISTEN_FDNAMES", names.join(":")),
+            ]))
+        };
+        match pidfd_id_of_self().unwrap() {
+            Some(ours) => {
+                // pidfs (Linux 6.9+): our own id is adopted, another process's is ignored.
+                let err = with_id(ours.to_string()).unwrap_err();
+                assert!(matches!(err, InheritError::NotOpen { .. }), "{err}");
+                let other = with_id((ours + 1).to_string()).expect("ignored, not an error");
+                assert!(other.names().is_empty());
+            }
+            None => {
+                // No pidfs: the id cannot be compared, LISTEN_PID decides.
+                let err = with_id("1".into()).unwrap_err();
+                assert!(matches!(err, InheritError::NotOpen { .. }), "{err}");
+            }
+        }
+    }
+
+    #[test]
     fn this_process_has_a_pidfd_and_its_id_is_stable() {
         let fd = pidfd_of_self().expect("pidfd_open (Linux 5.3+)");
         assert!(fd.as_raw_fd() >= 0);
