@@ -28,6 +28,8 @@
 //! crash_on_start = false       # abort before declaring readiness
 //! drain_secs = 10              # fork/exec: how long the old generation drains
 //! systemd_drain_ms = 500       # systemd: how long the old process drains before exiting
+//! max_state_age_secs = 0       # systemd: start fresh when the stored state is older (0: resume
+//!                              # whatever its age; FileDescriptorStorePreserve= keeps it across stop)
 //! ```
 
 use std::collections::HashMap;
@@ -114,6 +116,7 @@ struct Config {
     drain_secs: f64,
     systemd_drain_ms: u64,
     crash_after_ready_ms: Option<u64>,
+    max_state_age_secs: f64,
 }
 
 impl Default for Config {
@@ -130,6 +133,7 @@ impl Default for Config {
             drain_secs: 10.0,
             systemd_drain_ms: 500,
             crash_after_ready_ms: None,
+            max_state_age_secs: 0.0,
         }
     }
 }
@@ -166,6 +170,8 @@ fn read_config(path: Option<&Path>) -> Result<Config, String> {
     })?;
     // Every value is checked now, before readiness: a value used later must not fail then.
     check_seconds(config.drain_secs).map_err(|e| format!("{}: drain_secs: {e}", path.display()))?;
+    check_seconds(config.max_state_age_secs)
+        .map_err(|e| format!("{}: max_state_age_secs: {e}", path.display()))?;
     Ok(config)
 }
 
@@ -328,7 +334,16 @@ async fn serve(args: Args) -> ExitCode {
         std::process::abort();
     }
     // 2. The state, only after the configuration parsed.
-    let generation = match shellflip::receive_from_old_process() {
+    let state = if config.max_state_age_secs > 0.0 {
+        let max_age = Duration::from_secs_f64(config.max_state_age_secs);
+        shellflip::try_receive_from_old_process_within(max_age).unwrap_or_else(|e| {
+            tracing::error!("starting without the previous generation's state: {e}");
+            None
+        })
+    } else {
+        shellflip::receive_from_old_process()
+    };
+    let generation = match state {
         Some(r) => match read_state(r, config.state_format).await {
             Ok(g) => g + 1,
             Err(e) => {

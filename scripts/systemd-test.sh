@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# End-to-end checks of shellflip under a real systemd (SPEC section B), with the example
-# service and the example units in examples/systemd/, unchanged.
+# End-to-end checks of shellflip under real systemds (SPEC section B), with the example
+# service and the example units in examples/systemd/, unchanged: the same checks under each
+# version of the matrix, one after the other, and the newer protocol where the version has it.
+#
+#   252  the machine's own systemd (Debian 12): the container's root is the machine's /usr
+#   257  Debian 13's, from a root built once with debootstrap and cached on the machine
+#        (scripts/systemd-root.sh), booted with --volatile=overlay
 #
 # systemd runs inside a throw-away container (scripts/container.sh; never on the machine
 # itself). The binaries, the configuration and the units are in a temporary directory bound
 # to /opt/t inside; a drop-in only sets the addresses (free ports) and the log level. The
 # container shares the machine's network, so the clients below run on the machine.
 #
+# Under every version:
 #   a  20 `systemctl restart`s under continuous keep-alive HTTP load: no request fails, and
 #      the generation grows by exactly one each time
 #   b  an echo client connected before the first restart still echoes after the last
@@ -19,9 +25,26 @@
 #   g  the fork/exec lifecycle under systemd: `systemctl reload` moves the main PID to the
 #      new process, and fails (changing nothing) when the new process refuses the state
 #
-# Needs root (systemd-nspawn), curl and /usr/bin/python3. Prints PASS/FAIL lines and exits
-# non-zero when a check failed or the container could not be booted.
-set -euo pipefail
+# From systemd 253 (here 257):
+#   h  Type=notify-reload (restarter-reload.service): 5 `systemctl reload`s under keep-alive
+#      load, each moving the main PID to the new process, which names itself with MAINPIDFD=1
+#      (257); RELOADING=1 with MONOTONIC_USEC= in one message, accepted (with ExecReload=
+#      cleared, reloads end on the notifications alone; a reload asked for while a restart on
+#      the control socket runs waits for it, then reloads); a refused restart ends the reload
+#      (never stuck "reloading"), fails `systemctl reload` through `shellflip await-restart`
+#      with the reason in the journal, and the old main PID keeps serving
+# From systemd 254 (here 257):
+#   i  FileDescriptorStorePreserve=yes: `systemctl stop` then `start` resumes from the stored
+#      state (the status shows its generation and age); a service that allows a state only so
+#      old (max_state_age_secs) starts fresh and says why
+#
+# Every line names the version it ran under; the last line is the total, `N passed, N failed`.
+# SHELLFLIP_SYSTEMD_VERSIONS="257" runs one version only (default "252 257"). A version that
+# cannot be booted is a failure, never a skip.
+#
+# Needs root (systemd-nspawn, debootstrap), curl and /usr/bin/python3. Prints PASS/FAIL lines
+# and exits non-zero when a check failed or a container could not be booted.
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 # shellcheck source=scripts/container.sh
@@ -29,12 +52,14 @@ source scripts/container.sh
 
 passed=0
 failed=0
+# The version the checks run under now, named on every line.
+sd_label="systemd"
 pass() {
-    echo "PASS $*"
+    echo "PASS [$sd_label] $*"
     passed=$((passed + 1))
 }
 fail() {
-    echo "FAIL $*"
+    echo "FAIL [$sd_label] $*"
     failed=$((failed + 1))
 }
 # expect LABEL CMD...: PASS when CMD succeeds, FAIL otherwise.
@@ -48,11 +73,12 @@ expect() {
 show() {
     local text
     for text in "$@"; do
-        if [[ -n $text ]]; then sed 's/^/    /' <<<"$text"; fi
+        if [[ -n $text ]]; then sed "s/^/    [$sd_label] /" <<<"$text"; fi
     done
 }
 
 work=""
+totals_printed=""
 load_pid=""
 echo_fd=""
 cleanup() {
@@ -67,14 +93,19 @@ cleanup() {
     fi
     if [[ -n $CONTAINER_PID ]] && ((failed > 0 || status != 0)); then
         echo "--- journal of the units (last 80 lines) ---"
-        container_exec journalctl -u restarter -u restarter-forkexec -b --no-pager | tail -n 80
+        container_exec journalctl -u restarter -u restarter-forkexec -u restarter-reload -b \
+            --no-pager | tail -n 80
     fi
     container_shutdown
     [[ -z $work ]] || rm -rf "$work"
+    # Ended early (a command failed outside a check): the total still closes the output.
+    if [[ -z $totals_printed ]]; then
+        echo "$passed passed, $((failed > 0 ? failed : 1)) failed"
+    fi
 }
 trap cleanup EXIT
 # A command that fails outside a check ends the script (set -e): say which.
-trap 'echo "FAIL line $LINENO: $BASH_COMMAND"' ERR
+trap 'fail "line $LINENO: $BASH_COMMAND"' ERR
 
 if [[ $(id -u) != 0 ]]; then
     fail "setup: systemd-nspawn needs root"
@@ -94,26 +125,37 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/shellflip-systemd.XXXXXX")
 chmod 755 "$work"
 mkdir "$work/bin"
 cp "$target/debug/examples/restarter" "$target/debug/shellflip" "$work/bin/"
-cp examples/systemd/restarter.service examples/systemd/restarter-forkexec.service "$work/"
+cp examples/systemd/restarter.service examples/systemd/restarter-forkexec.service \
+    examples/systemd/restarter-reload.service "$work/"
 config=$work/restarter.toml
 write_config() {
     printf 'greeting = "systemd-test"\n%s' "$*" >"$config"
 }
 write_config ""
 
-# Four free ports: HTTP and echo for each unit.
-read -r http_port echo_port fe_http_port fe_echo_port < <(/usr/bin/python3 -c '
+# suite VERSION ROOT: every check, under systemd VERSION booted from ROOT (empty: the machine's
+# own). A container that cannot be booted is one failed check.
+suite() {
+local expected=$1 root=$2 started=$SECONDS
+sd_label="systemd $expected"
+local passed_before=$passed failed_before=$failed
+
+# Six free ports: HTTP and echo for each unit.
+read -r http_port echo_port fe_http_port fe_echo_port rl_http_port rl_echo_port < <(/usr/bin/python3 -c '
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(6)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 
-if ! container_boot "shellflip-test-$$" "$work"; then
-    fail "setup: cannot boot systemd in a container (see above)"
-    exit 1
+if ! container_boot "shellflip-test-$expected-$$" "$work" 60 "$root"; then
+    fail "setup: cannot boot systemd $expected in a container (see above)"
+    return 0
 fi
-pass "setup: systemd booted in container (pid $CONTAINER_PID)"
+full_version=$(container_exec systemctl --version | head -n 1)
+version=$(sed -n 's/^systemd \([0-9]*\).*/\1/p' <<<"$full_version")
+expect "setup: $full_version booted in a container (pid $CONTAINER_PID, root ${root:-of the machine})" \
+    test "${version:-0}" = "$expected"
 
 # Inside the container.
 c() { container_exec "$@"; }
@@ -132,7 +174,7 @@ wait_state() {
     done
 }
 
-for unit in restarter restarter-forkexec; do
+for unit in restarter restarter-forkexec restarter-reload; do
     c cp "/opt/t/$unit.service" /run/systemd/system/
     c mkdir -p "/run/systemd/system/$unit.service.d"
 done
@@ -143,6 +185,10 @@ EOF
 c tee /run/systemd/system/restarter-forkexec.service.d/test.conf >/dev/null <<EOF
 [Service]
 Environment=HTTP=127.0.0.1:$fe_http_port ECHO=127.0.0.1:$fe_echo_port RUST_LOG=info,shellflip=debug
+EOF
+c tee /run/systemd/system/restarter-reload.service.d/test.conf >/dev/null <<EOF
+[Service]
+Environment=HTTP=127.0.0.1:$rl_http_port ECHO=127.0.0.1:$rl_echo_port RUST_LOG=info,shellflip=debug
 EOF
 c systemctl daemon-reload
 
@@ -344,5 +390,212 @@ state=$(active_state restarter-forkexec)
 expect "g: systemctl stop leaves no process of any generation (unit $state)" \
     test "$state" != active -a "$state" != deactivating -a -z "$(c pgrep -x restarter || true)"
 
-echo "systemd: $passed passed, $failed failed"
+# --- h: Type=notify-reload (systemd 253+): the reload signal restarts ---------------------------
+if ((version >= 253)); then
+    # systemd's own debug log shows each notification it got, and what it made of it.
+    c systemctl log-level debug
+    rl_sock=/run/restarter-reload/restarter.sock
+    c systemctl start restarter-reload
+    expect "h: restarter-reload.service (Type=notify-reload, ReloadSignal=SIGUSR1) starts, generation 0" \
+        test "$(generation_at "$rl_http_port")" = 0 -a "$(pid_at "$rl_http_port")" = "$(main_pid restarter-reload)"
+    start_load "$rl_http_port" notify-reloads || fail "h: the HTTP load did not start"
+    # reload_times N WHAT: N reloads (each bounded: a reload systemd does not end is a failure);
+    # appends to bad_reloads and new_pids, advances generation.
+    reload_times() {
+        local n=$1 what=$2 i old new state serving got result
+        for i in $(seq "$n"); do
+            old=$(main_pid restarter-reload)
+            if ! c timeout 30 systemctl reload restarter-reload; then
+                bad_reloads+=("$what $i: systemctl reload failed or did not end within 30 s")
+            fi
+            new=$(main_pid restarter-reload)
+            state=$(active_state restarter-reload)
+            result=$(c systemctl show -p ReloadResult --value restarter-reload)
+            served_by "$rl_http_port" "$new" || true
+            serving=$(pid_at "$rl_http_port")
+            got=$(generation_at "$rl_http_port")
+            if [[ $new == "$old" || $state != active || $result != success || $serving != "$new" ||
+                $got != $((generation + 1)) ]]; then
+                bad_reloads+=("$what $i: MainPID $old -> $new ($state, reload $result), GET / from $serving, generation ${got:-none} after $generation")
+            fi
+            new_pids+=("$new")
+            generation=${got:-$generation}
+        done
+    }
+    reloads=5
+    generation=0
+    bad_reloads=()
+    new_pids=()
+    reload_times "$reloads" reload
+    show "${bad_reloads[@]}"
+    expect "h: $reloads systemctl reloads: each moved MainPID to the new process, unit active, reload success, generation +1" \
+        test "${#bad_reloads[@]}" = 0 -a "$generation" = "$reloads"
+    journal=$(c journalctl -u restarter-reload -b --no-pager -o cat)
+    stamped=$(grep -c 'Got notification message from PID [0-9]*: RELOADING=1, MONOTONIC_USEC=[0-9]\{6,\}' <<<"$journal" || true)
+    expect "h: each restart said RELOADING=1 with MONOTONIC_USEC= in one message ($stamped of $reloads)" \
+        test "$stamped" -ge "$reloads"
+    # MAINPIDFD=1 (257): the new process names itself by its pidfd, and systemd takes it as the
+    # main process from that message (the next line), before any MAINPID= arrives.
+    named=0
+    for pid in "${new_pids[@]}"; do
+        # After its MAINPIDFD=1, systemd names it the main PID before its READY=1, MAINPID=.
+        first=$(sed -n "/Got notification message from PID $pid: MAINPIDFD=1\$/,\$p" <<<"$journal" |
+            grep -m1 -E "New main PID $pid |PID $pid: READY=1" || true)
+        if [[ $first == *"New main PID $pid "* ]]; then
+            named=$((named + 1))
+        else
+            show "$(grep -E "PID $pid[: ]" <<<"$journal" | head -n 8)"
+        fi
+    done
+    if ((version >= 257)); then
+        expect "h: each new process named itself with MAINPIDFD=1 (its pidfd), and systemd made it the main PID from that message ($named of $reloads)" \
+            test "$named" = "$reloads"
+    fi
+
+    # The notifications alone (ExecReload= cleared): a reload ends only when systemd accepted
+    # RELOADING=1 with a MONOTONIC_USEC= at or after its own reload start, then READY=1.
+    c tee /run/systemd/system/restarter-reload.service.d/notify-only.conf >/dev/null <<UNIT
+[Service]
+ExecReload=
+UNIT
+    c systemctl daemon-reload
+    bad_reloads=()
+    before=$generation
+    reload_times 3 "notification-only reload"
+    show "${bad_reloads[@]}"
+    expect "h: with ExecReload= cleared, 3 reloads end on RELOADING=1+MONOTONIC_USEC= and READY=1 alone: MONOTONIC_USEC accepted (generation $before -> $generation)" \
+        test "${#bad_reloads[@]}" = 0 -a "$generation" = $((before + 3))
+    # `systemctl reload` while a restart asked for on the control socket runs (its successor
+    # slow to be ready): that restart said RELOADING=1, so the unit is "reloading" already, and
+    # systemd holds the reload job until it ends, then reloads: two generations, both served.
+    pid_before=$(main_pid restarter-reload)
+    write_config 'startup_delay_ms = 1500'
+    shellflip_cli restart --socket "$rl_sock" >"$work/joined.out" 2>&1 &
+    joined_restart=$!
+    sleep 0.5
+    reloading_now=$(active_state restarter-reload)
+    c timeout 30 systemctl reload restarter-reload && rc=0 || rc=$?
+    wait "$joined_restart" && restart_rc=0 || restart_rc=$?
+    write_config ""
+    first=$(cat "$work/joined.out")
+    last=$(main_pid restarter-reload)
+    got=$(generation_at "$rl_http_port")
+    show "while shellflip restart ran the unit was $reloading_now; systemctl reload: exit $rc; shellflip restart: exit $restart_rc: $first; MainPID now $last"
+    expect "h: systemctl reload during a restart on the control socket waits for it (unit $reloading_now), then reloads: MainPID $pid_before -> $first -> $last, generation $generation -> ${got:-none}" \
+        test "$reloading_now" = reloading -a "$rc" = 0 -a "$restart_rc" = 0 \
+        -a "$first" != "$pid_before" -a "$last" != "$first" -a "$last" != "$pid_before" \
+        -a "${got:-x}" = $((generation + 2))
+    generation=${got:-$generation}
+    # ... where a refused restart still ends the reload: READY=1 from the old process, with the
+    # reason in STATUS= (without it systemd 257 would stay "reloading" for good).
+    pid_before=$(main_pid restarter-reload)
+    write_config 'state_format = 2'
+    c timeout 30 systemctl reload restarter-reload && rc=0 || rc=$?
+    write_config ""
+    status_text=$(c systemctl show -p StatusText --value restarter-reload)
+    show "systemctl reload: exit $rc; StatusText=$status_text"
+    expect "h: ... and a refused restart ends the reload at once (exit $rc: systemd 257 cannot fail it by notification), unit active, not reloading, STATUS= says why" \
+        test "$rc" != 124 -a "$(active_state restarter-reload)" = active \
+        -a "$(main_pid restarter-reload)" = "$pid_before" \
+        -a "$(grep -c 'restart failed, still serving: .*state format 1 is not the format 2' <<<"$status_text")" = 1
+    c rm /run/systemd/system/restarter-reload.service.d/notify-only.conf
+    c systemctl daemon-reload
+
+    # The unit as shipped: `shellflip await-restart` makes a refused restart fail the reload.
+    pid_before=$(main_pid restarter-reload)
+    write_config 'state_format = 2'
+    c timeout 30 systemctl reload restarter-reload 2>/dev/null && rc=0 || rc=$?
+    write_config ""
+    reason=$(c journalctl -u restarter-reload -b --no-pager | grep -c 'shellflip: restart failed: .*state format 1 is not the format 2' || true)
+    show "systemctl reload: exit $rc"
+    expect "h: systemctl reload fails when the new process refuses the state, and the journal says why" \
+        test "$rc" != 0 -a "$rc" != 124 -a "$reason" -ge 1
+    expect "h: ... and the same process ($pid_before) stays the active MainPID and serves, generation $generation" \
+        test "$(main_pid restarter-reload)" = "$pid_before" -a "$(active_state restarter-reload)" = active \
+        -a "$(pid_at "$rl_http_port")" = "$pid_before" -a "$(generation_at "$rl_http_port")" = "$generation"
+    bad_reloads=()
+    reload_times 1 "reload after the refusal"
+    show "${bad_reloads[@]}"
+    expect "h: with the configuration restored, the next reload succeeds (generation $generation)" \
+        test "${#bad_reloads[@]}" = 0
+    stop_load notify-reloads
+    expect "h: keep-alive load across the reloads: $load_requests requests on $load_connections connections, $load_failed failed" \
+        test "${load_failed:-x}" = 0 -a "${load_requests:-0}" -gt 0 -a "${load_connections:-0}" -gt "$reloads"
+    c systemctl stop restarter-reload || true
+    c systemctl log-level info
+fi
+
+# --- i: FileDescriptorStorePreserve=yes (systemd 254+): the store survives stop and start -------
+if ((version >= 254)); then
+    # The control socket's file must survive the stop too: its listener waits in the store.
+    c tee /run/systemd/system/restarter.service.d/preserve.conf >/dev/null <<UNIT
+[Service]
+FileDescriptorStorePreserve=yes
+RuntimeDirectoryPreserve=yes
+UNIT
+    c systemctl daemon-reload
+    # Enabled, as a service in production is: under systemd 257 an inactive unit nothing refers
+    # to is unloaded, and its store with it, whatever this setting says (systemd pull request
+    # 41435 changed that later).
+    c systemctl enable --runtime --quiet restarter
+    c systemctl start restarter
+    c systemctl restart restarter
+    expect "i: with FileDescriptorStorePreserve=yes (unit enabled), restarter.service at generation 1" \
+        test "$(generation_at "$http_port")" = 1
+    c systemctl stop restarter
+    kept=$(store_size restarter)
+    expect "i: after systemctl stop the unit is inactive and its store kept ($kept entries)" \
+        test "$(active_state restarter)" = inactive -a "${kept:-0}" -ge 4
+    c systemctl start restarter
+    status=$(shellflip_cli status --socket "$sock" 2>&1 || true)
+    show "$(grep '^state on start' <<<"$status")"
+    expect "i: systemctl start resumes (the policy): generation 2, the status names the state's generation and age" \
+        test "$(generation_at "$http_port")" = 2 \
+        -a "$(grep -c '^state on start: received from generation 1, written [0-9.]* s before this start$' <<<"$status")" = 1
+    # The application's choice: a state older than it allows is not resumed.
+    write_config 'max_state_age_secs = 1'
+    c systemctl stop restarter
+    sleep 1.5
+    c systemctl start restarter
+    write_config ""
+    status=$(shellflip_cli status --socket "$sock" 2>&1 || true)
+    show "$(grep '^state on start' <<<"$status")"
+    expect "i: with max_state_age_secs = 1, a state kept 1.5 s is discarded: generation 0, the status says why, the listeners still serve" \
+        test "$(generation_at "$http_port")" = 0 \
+        -a "$(grep -c '^state on start: discarded: the state of generation 2 was written [0-9.]* s before this start, longer than the 1.0 s allowed' <<<"$status")" = 1
+    c systemctl stop restarter
+    c systemctl disable --runtime --quiet restarter
+    c rm /run/systemd/system/restarter.service.d/preserve.conf
+    c systemctl daemon-reload
+fi
+
+if ((failed > failed_before)); then
+    echo "--- [$sd_label] journal of the units (last 80 lines) ---"
+    c journalctl -u restarter -u restarter-forkexec -u restarter-reload -b --no-pager | tail -n 80
+fi
+echo "summary [$sd_label]: $((passed - passed_before)) passed, $((failed - failed_before)) failed, in $((SECONDS - started)) s"
+container_shutdown
+}
+
+versions=${SHELLFLIP_SYSTEMD_VERSIONS:-252 257}
+for v in $versions; do
+    sd_label="systemd $v"
+    case $v in
+        252) root="" ;; # the machine's own
+        257)
+            if ! root=$(./scripts/systemd-root.sh); then
+                fail "setup: cannot build the Debian 13 root with systemd 257 (see above)"
+                continue
+            fi
+            ;;
+        *)
+            fail "setup: no systemd $v in the matrix (252, 257)"
+            continue
+            ;;
+    esac
+    suite "$v" "$root"
+done
+
+totals_printed=1
+echo "$passed passed, $failed failed"
 if ((failed > 0)); then exit 1; fi

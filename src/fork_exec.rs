@@ -1,18 +1,23 @@
 //! The fork/exec lifecycle: the old process starts its successor, streams its state to it, and
 //! waits until it is ready. If anything fails, the successor is killed and reaped and the old
 //! process carries on as if nothing happened: its listeners were never closed.
+//!
+//! Under systemd each restart is a reload: `RELOADING=1` with `MONOTONIC_USEC=` when it begins
+//! (what `Type=notify-reload` waits for after its `ReloadSignal=`), then `READY=1` with
+//! `MAINPID=` (and `MAINPIDFD=1`) from the successor once it took over, or `READY=1` with the
+//! reason in `STATUS=` from this process when it failed, so that the reload always ends.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use sd_notify::NotifyState;
 
-use crate::control::LifecycleKind;
+use crate::control::{Attempt, AttemptOutcome, LifecycleKind};
 use crate::inherit::{self, Mode, STATE_FD};
 use crate::lifecycle::send_state;
-use crate::notify::notify;
+use crate::notify::{notify, notify_socket_set, reload_failed, reloading};
 use crate::outcome::{Handover, RestartError, SuccessorFailure};
 use crate::successor::{Child, Launcher};
 use crate::transport::{Context, Transport, Trigger};
@@ -20,8 +25,26 @@ use crate::transport::{Context, Transport, Trigger};
 /// The state pipe's capacity: one chunk of the state framing.
 const STATE_PIPE_SIZE: libc::c_int = 1024 * 1024;
 
+/// `STATUS=` while a restart runs.
+const RELOADING_STATUS: &str = "restarting: starting the next generation";
+
 /// How long a successor that stopped reading the state has to report why.
 const REPORT_WAIT: Duration = Duration::from_secs(2);
+
+/// The restart this process began last, for the status report (`shellflip await-restart`).
+static LAST_ATTEMPT: Mutex<Option<Attempt>> = Mutex::new(None);
+
+/// The restart this process began last, and how it stands.
+pub(crate) fn last_attempt() -> Option<Attempt> {
+    LAST_ATTEMPT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+fn record_attempt(update: impl FnOnce(&mut Option<Attempt>)) {
+    update(&mut LAST_ATTEMPT.lock().unwrap_or_else(|p| p.into_inner()));
+}
 
 /// The fork/exec lifecycle, starting successors with `L`.
 pub(crate) struct ForkExec<L: Launcher> {
@@ -52,8 +75,54 @@ impl<L: Launcher> Transport for ForkExec<L> {
         ctx: &mut Context,
         _trigger: Trigger,
     ) -> Result<Handover, RestartError> {
+        record_attempt(|a| *a = Some(Attempt::begin()));
+        reloading(RELOADING_STATUS);
+        // A reload signal that reaches this process while the restart runs joins it (the loop
+        // refuses it as "in progress"): systemd waits for a RELOADING=1 stamped after its
+        // signal, so say it again. (Once our RELOADING=1 reached systemd the unit is
+        // "reloading" and systemd holds a `systemctl reload` until it ends; the signal can only
+        // cross it when both begin at the same moment.)
+        let mut reload_signals = match notify_socket_set() {
+            true => tokio::signal::unix::signal(ctx.config.restart_signal).ok(),
+            false => None,
+        };
         ctx.handler.pre_new_process().await;
-        let result = self.start_and_confirm(ctx, Instant::now()).await;
+        let result = {
+            let work = self.start_and_confirm(ctx, Instant::now());
+            tokio::pin!(work);
+            loop {
+                let joined = async {
+                    match &mut reload_signals {
+                        Some(signals) => signals.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = &mut work => break r,
+                    Some(()) = joined => {
+                        tracing::info!("restart signal during the restart: the reload joins it");
+                        reloading(RELOADING_STATUS);
+                    }
+                }
+            }
+        };
+        let outcome = match &result {
+            Ok(handover) => AttemptOutcome::HandedOver {
+                pid: handover.new_pid(),
+            },
+            Err(e) => {
+                // Ends the reload (systemd would wait for READY=1 for good) and says why.
+                reload_failed(&e.to_string());
+                AttemptOutcome::Failed {
+                    reason: e.to_string(),
+                }
+            }
+        };
+        record_attempt(|a| {
+            if let Some(a) = a {
+                a.outcome = outcome;
+            }
+        });
         if result.is_err() {
             ctx.handler.new_process_failed().await;
         }
@@ -179,6 +248,9 @@ impl<L: Launcher> ForkExec<L> {
     fn succeeded(&mut self, successor: L::Child, started: Instant) -> Handover {
         let pid = successor.pid();
         tracing::info!(pid, elapsed = ?started.elapsed(), "restart: successor ready");
+        // The successor said READY=1 with MAINPID= (and MAINPIDFD=1) itself, before it told
+        // us, which ended the reload. MAINPID= again, for a successor that does not say it;
+        // not READY=1, which could end the next reload early if this message were late.
         notify(&[NotifyState::MainPid(pid)]);
         self.ready = Some((successor, Instant::now()));
         Handover::new(Some(pid), 0)

@@ -36,6 +36,9 @@ pub(crate) const ENV_MODE: &str = "SHELLFLIP_MODE";
 const LISTEN_PID: &str = "LISTEN_PID";
 const LISTEN_FDS: &str = "LISTEN_FDS";
 const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+/// systemd after 257: the inode number of a pidfd of the process the descriptors are for, which
+/// names it without the PID-reuse race of `LISTEN_PID`.
+const LISTEN_PIDFDID: &str = "LISTEN_PIDFDID";
 
 /// Every variable of the protocol: none of them may reach a program the service starts.
 pub(crate) const PROTOCOL_VARS: &[&str] = &[
@@ -47,6 +50,7 @@ pub(crate) const PROTOCOL_VARS: &[&str] = &[
     LISTEN_PID,
     LISTEN_FDS,
     LISTEN_FDNAMES,
+    LISTEN_PIDFDID,
 ];
 
 /// Names starting with this prefix are the library's own (state, readiness, control socket).
@@ -175,15 +179,53 @@ pub(crate) struct Description {
 pub(crate) struct Identity {
     pub(crate) pid: u32,
     pub(crate) parent: u32,
+    /// The inode number of a pidfd of this process, where pidfds have their own inodes
+    /// (pidfs, Linux 6.9+); `None` where that cannot be known.
+    pub(crate) pidfd_id: Option<u64>,
 }
 
 impl Identity {
-    fn current() -> Identity {
+    fn current(get: &dyn Fn(&str) -> Option<OsString>) -> Identity {
+        // A pidfd is opened only when systemd sent an id to compare it with.
+        let pidfd_id = get(LISTEN_PIDFDID).and_then(|_| match pidfd_id_of_self() {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!("{LISTEN_PIDFDID} is set, but no pidfd of this process: {e}");
+                None
+            }
+        });
         Identity {
             pid: std::process::id(),
             parent: std::os::unix::process::parent_id(),
+            pidfd_id,
         }
     }
+}
+
+/// A pidfd of this process (`pidfd_open(getpid())`, close-on-exec).
+pub(crate) fn pidfd_of_self() -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor or -1; it touches
+    // no memory of ours.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the call returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
+/// The inode number of a pidfd of this process, as systemd computes `LISTEN_PIDFDID`: `None`
+/// when pidfds share one anonymous inode (before pidfs, Linux 6.9), where the number names
+/// nothing.
+fn pidfd_id_of_self() -> std::io::Result<Option<u64>> {
+    let pidfd = pidfd_of_self()?;
+    let st = nix::sys::stat::fstat(&pidfd).map_err(std::io::Error::from)?;
+    let fs = nix::sys::statfs::fstatfs(&pidfd).map_err(std::io::Error::from)?;
+    // PID_FS_MAGIC: each pidfd has an inode of its own, unique to its process.
+    const PID_FS_MAGIC: i64 = 0x5049_4446;
+    #[allow(clippy::unnecessary_cast)]
+    let is_pidfs = fs.filesystem_type().0 as i64 == PID_FS_MAGIC;
+    Ok(is_pidfs.then_some(st.st_ino as u64))
 }
 
 /// Parses the protocol's variables, read through `get`, for the process `me`. Touches no
@@ -229,8 +271,20 @@ pub(crate) fn parse(
     }
     if let Some(pid) = get(LISTEN_PID) {
         let pid = parse_number(LISTEN_PID, Some(pid))?;
+        let pidfd_id = match get(LISTEN_PIDFDID) {
+            Some(v) => Some(parse_number(LISTEN_PIDFDID, Some(v))?),
+            None => None,
+        };
         if pid != u64::from(me.pid) {
             tracing::debug!("{LISTEN_PID}={pid} is not this process: ignoring {LISTEN_FDS}");
+        } else if pidfd_id.zip(me.pidfd_id).is_some_and(|(t, o)| t != o) {
+            // The PID is ours, but the process systemd meant is another that had it before.
+            tracing::warn!(
+                "{LISTEN_PIDFDID}={} is not this process (its pidfd id is {}): ignoring \
+                 {LISTEN_FDS}",
+                pidfd_id.unwrap_or_default(),
+                me.pidfd_id.unwrap_or_default()
+            );
         } else {
             d.names = parse_names(get, LISTEN_FDS, LISTEN_FDNAMES)?;
             if d.names.iter().any(|n| n.starts_with(RESERVED_PREFIX)) {
@@ -361,7 +415,7 @@ fn open(d: Description, executable: Option<PathBuf>) -> Result<Inherited, Inheri
 
 /// Parses the environment and takes the descriptors it describes.
 fn read_environment(get: &dyn Fn(&str) -> Option<OsString>) -> Result<Inherited, InheritError> {
-    let me = Identity::current();
+    let me = Identity::current(get);
     let d = parse(get, me)?;
     match d.origin {
         Origin::Parent => die_with_parent(me.parent),
@@ -653,10 +707,11 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
-    /// A process with PID 100 whose parent is 99.
+    /// A process with PID 100 whose parent is 99, on a kernel without pidfs.
     const ME: Identity = Identity {
         pid: 100,
         parent: 99,
+        pidfd_id: None,
     };
 
     fn parse_env(pairs: &[(&str, String)]) -> Result<Description, InheritError> {
@@ -721,6 +776,74 @@ mod tests {
             parse_env(&[("LISTEN_PID", "100".into()), ("LISTEN_FDS", "2".into())]).unwrap();
         assert_eq!(activation.origin, Origin::Fresh);
         assert_eq!(activation.names, ["unknown.0", "unknown.1"]);
+    }
+
+    #[test]
+    fn listen_pidfdid_must_name_this_process_when_both_are_known() {
+        let store = |id: &str| {
+            vec![
+                ("LISTEN_PID", "100".to_owned()),
+                ("LISTEN_PIDFDID", id.to_owned()),
+                ("LISTEN_FDS", "1".to_owned()),
+                ("LISTEN_FDNAMES", "http".to_owned()),
+            ]
+        };
+        let pidfs = Identity {
+            pidfd_id: Some(4242),
+            ..ME
+        };
+        // Ours: adopted.
+        let d = parse(&env(&store("4242")), pidfs).unwrap();
+        assert_eq!(d.names, ["http"]);
+        // The same PID, but another process (the PID was reused): ignored, like a foreign PID.
+        let d = parse(&env(&store("4243")), pidfs).unwrap();
+        assert!(d.names.is_empty(), "{d:?}");
+        // Our id unknown (no pidfs): LISTEN_PID alone decides, as before.
+        let d = parse(&env(&store("4243")), ME).unwrap();
+        assert_eq!(d.names, ["http"]);
+        // Not a number: a clear error.
+        let err = parse(&env(&store("x")), pidfs).unwrap_err();
+        assert!(err.to_string().contains("LISTEN_PIDFDID"), "{err}");
+    }
+
+    #[test]
+    fn adoption_checks_listen_pidfdid_against_this_process() {
+        // 4000 descriptors that are certainly not open: adopting them fails with NotOpen, so
+        // the outcome tells whether the environment was taken as meant for this process.
+        let pid = std::process::id().to_string();
+        let names: Vec<String> = (0..4000).map(|i| format!("n{i}")).collect();
+        let with_id = |id: String| {
+            read_environment(&env(&[
+                ("LISTEN_PID", pid.clone()),
+                ("LISTEN_PIDFDID", id),
+                ("LISTEN_FDS", "4000".into()),
+                ("LISTEN_FDNAMES", names.join(":")),
+            ]))
+        };
+        match pidfd_id_of_self().unwrap() {
+            Some(ours) => {
+                // pidfs (Linux 6.9+): our own id is adopted, another process's is ignored.
+                let err = with_id(ours.to_string()).unwrap_err();
+                assert!(matches!(err, InheritError::NotOpen { .. }), "{err}");
+                let other = with_id((ours + 1).to_string()).expect("ignored, not an error");
+                assert!(other.names().is_empty());
+            }
+            None => {
+                // No pidfs: the id cannot be compared, LISTEN_PID decides.
+                let err = with_id("1".into()).unwrap_err();
+                assert!(matches!(err, InheritError::NotOpen { .. }), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn this_process_has_a_pidfd_and_its_id_is_stable() {
+        let fd = pidfd_of_self().expect("pidfd_open (Linux 5.3+)");
+        assert!(fd.as_raw_fd() >= 0);
+        // Where pidfs exists, two pidfds of one process share one inode: the id systemd sends.
+        let a = pidfd_id_of_self().unwrap();
+        let b = pidfd_id_of_self().unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]

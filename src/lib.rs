@@ -175,11 +175,14 @@ mod transport;
 /// write `#[shellflip::async_trait]` on the `impl`.
 pub use async_trait::async_trait;
 pub use config::RestartConfig;
-pub use control::{LastRestart, LifecycleKind, Probation, RestartCoordinationSocket, Status};
+pub use control::{
+    Attempt, AttemptOutcome, LastRestart, LifecycleKind, Probation, RestartCoordinationSocket,
+    Status,
+};
 pub use inherit::{InheritError, Origin, generation, init_from_env, is_validation_run, origin};
 pub use lifecycle::{
     LifecycleHandler, NullLifecycleHandler, PipeReader, PipeWriter, receive_from_old_process,
-    try_receive_from_old_process,
+    try_receive_from_old_process, try_receive_from_old_process_within,
 };
 pub use listen::{Configure, ListenOptions};
 pub use outcome::{

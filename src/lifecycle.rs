@@ -112,21 +112,91 @@ pub fn receive_from_old_process() -> Option<StateReader> {
 /// # }
 /// ```
 pub fn try_receive_from_old_process() -> Result<Option<StateReader>, StateError> {
+    receive(None)
+}
+
+/// Like [`try_receive_from_old_process`], but a state that waited in systemd's file descriptor
+/// store for longer than `max_age` is discarded: the service starts without it, and its status
+/// says so (`state on start: discarded: ...`).
+///
+/// A restart leaves a state a few milliseconds old. One that is older was kept across a
+/// `systemctl stop` and `start` (`FileDescriptorStorePreserve=yes`, systemd 254+) or a
+/// soft-reboot, and describes the service as it was when it stopped. shellflip's own policy is
+/// to resume from it ([`receive_from_old_process`]: the status shows its generation and age);
+/// call this instead when a state that old should not be resumed. A state from a parent
+/// generation (fork/exec) is streamed, never old, and always received.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// match shellflip::try_receive_from_old_process_within(Duration::from_secs(60)) {
+///     Ok(Some(_state)) => println!("restarted (or stopped less than a minute ago)"),
+///     Ok(None) => println!("fresh start, or a state too old to resume"),
+///     Err(e) => eprintln!("refusing to start: {e}"),
+/// }
+/// # }
+/// ```
+pub fn try_receive_from_old_process_within(
+    max_age: std::time::Duration,
+) -> Result<Option<StateReader>, StateError> {
+    receive(Some(max_age))
+}
+
+fn receive(max_age: Option<std::time::Duration>) -> Result<Option<StateReader>, StateError> {
     let fd = match inherit::take(STATE_FD) {
         Ok(Some(fd)) => fd,
         Ok(None) => return Ok(None),
         Err(e) => return Err(StateError::Inherit(e)),
     };
-    let result = open_state(fd);
+    let result = open_state(fd, max_age);
     match &result {
         Ok(Some(_)) => {}
-        Ok(None) => note("no state was left by the previous generation".into()),
+        Ok(None) => {
+            if STATE_ON_START
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+            {
+                note("no state was left by the previous generation".into());
+            }
+        }
         Err(e) => note(format!("unusable: {e}")),
     }
     result
 }
 
-fn open_state(fd: OwnedFd) -> Result<Option<StateReader>, StateError> {
+/// How long ago a stored state was written: the memfd's modification time.
+fn stored_age(meta: &std::fs::Metadata) -> Option<std::time::Duration> {
+    let written = meta.modified().ok()?;
+    Some(
+        std::time::SystemTime::now()
+            .duration_since(written)
+            .unwrap_or_default(),
+    )
+}
+
+/// "written 1.2 s before this start" / "kept by systemd for 3 min 20 s": for the status.
+fn describe_age(age: std::time::Duration) -> String {
+    let secs = age.as_secs_f64();
+    if secs < 60.0 {
+        format!("written {secs:.1} s before this start")
+    } else if secs < 3600.0 {
+        format!(
+            "written {:.0} min {:.0} s before this start",
+            (secs / 60.0).floor(),
+            secs % 60.0
+        )
+    } else {
+        format!("written {:.1} h before this start", secs / 3600.0)
+    }
+}
+
+fn open_state(
+    fd: OwnedFd,
+    max_age: Option<std::time::Duration>,
+) -> Result<Option<StateReader>, StateError> {
     let meta = std::fs::File::from(fd.try_clone()?).metadata()?;
     if meta.file_type().is_file() {
         // A stored state (memfd): verify it whole before handing out a byte.
@@ -134,9 +204,34 @@ fn open_state(fd: OwnedFd) -> Result<Option<StateReader>, StateError> {
         let Some(header) = state::verify_file(&mut file)? else {
             return Ok(None);
         };
-        let generation = header.generation + 1;
+        let age = stored_age(&meta);
+        let age_text = age
+            .map(describe_age)
+            .unwrap_or_else(|| "of unknown age".into());
+        if let (Some(age), Some(max)) = (age, max_age) {
+            if age > max {
+                // Started fresh: generation 0, as if no state had been kept.
+                let text = format!(
+                    "discarded: the state of generation {} was {age_text}, longer than the \
+                     {:.1} s allowed (kept by systemd's store across a stop?)",
+                    header.generation,
+                    max.as_secs_f64()
+                );
+                tracing::warn!("{text}");
+                note(text);
+                return Ok(None);
+            }
+        }
+        let generation = header.generation.saturating_add(1);
         inherit::set_generation(generation);
-        note(format!("received from generation {}", header.generation));
+        tracing::info!(
+            "resuming from the state of generation {}, {age_text}",
+            header.generation
+        );
+        note(format!(
+            "received from generation {}, {age_text}",
+            header.generation
+        ));
         return Ok(Some(state::read_stream(tokio::fs::File::from_std(file))));
     }
     // A pipe from the parent: verified chunk by chunk as it streams.

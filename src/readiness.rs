@@ -7,7 +7,7 @@ use std::sync::{Mutex, OnceLock};
 use tokio::sync::watch;
 
 use crate::inherit::{self, Origin, READY_FD, ReadyLine};
-use crate::notify::notify;
+use crate::notify::{notify, ready_as_main_process};
 
 fn ready_flag() -> &'static watch::Sender<bool> {
     static READY: OnceLock<watch::Sender<bool>> = OnceLock::new();
@@ -117,13 +117,21 @@ pub fn startup_complete() -> io::Result<()> {
         // From now on this process is the service, whatever happens to its parent.
         inherit::clear_parent_death_signal();
     }
-    let told = tell_parent(ReadyLine::Ready);
-    let mut states = vec![sd_notify::NotifyState::Ready];
     let pid = std::process::id();
+    let status = format!("serving, generation {}", inherit::generation());
     if inherit::origin() == Origin::Parent {
-        states.push(sd_notify::NotifyState::MainPid(pid));
+        // The service's main process from now on: MAINPID= (and MAINPIDFD=1 with a pidfd,
+        // systemd 257+) with READY=1, which also ends a reload (RELOADING=1) in progress.
+        // Before the parent hears it: the parent then sends MAINPID= of this process too (for
+        // a successor that does not say it), which must find the change made by the pidfd.
+        ready_as_main_process(&[sd_notify::NotifyState::Status(&status)]);
+    } else {
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]);
     }
-    notify(&states);
+    let told = tell_parent(ReadyLine::Ready);
     ready_flag().send_replace(true);
     tracing::info!(pid, generation = inherit::generation(), "ready");
     told.map(drop)

@@ -344,6 +344,7 @@ impl Record {
                 (None, true) => Some(Probation::This),
                 (None, false) => None,
             },
+            last_attempt: crate::fork_exec::last_attempt(),
         }
     }
 }

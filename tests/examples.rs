@@ -146,6 +146,92 @@ fn counter_counts_on_across_restarts() {
     });
 }
 
+/// `CLOCK_MONOTONIC` in microseconds, the clock of systemd's `MONOTONIC_USEC=`.
+fn clock_monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the one we pass.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// The fork/exec lifecycle under a notify socket, as systemd sees it (`Type=notify-reload`):
+/// the restart signal makes the running process say `RELOADING=1` with a fresh
+/// `MONOTONIC_USEC=` in one message; the new process names itself with `MAINPIDFD=1` and a
+/// pidfd of its own, then ends the reload with `READY=1` and `MAINPID=`, before the old
+/// process's own `MAINPID=`.
+#[test]
+fn counter_under_systemd_says_reloading_and_the_new_process_ends_it() {
+    let cleanup = Cleanup::new();
+    let (addr, _) = free_addrs();
+    let socket = cleanup.path().join("counter.sock");
+    let mut systemd = FakeSystemd::new(cleanup.path());
+    let mut cmd = systemd.command(&example("counter"));
+    cmd.arg("--addr")
+        .arg(addr.to_string())
+        .arg("--socket")
+        .arg(&socket);
+    let (stdout, stderr) = cleanup.output();
+    cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    let gen0 = ChildGuard::spawn(&mut cmd);
+    let pid0 = gen0.id();
+    systemd.wait_for("READY=1", DEADLINE, &cleanup.log);
+
+    let before = clock_monotonic_usec();
+    signal(pid0, Signal::SIGUSR1);
+    let reloading = systemd.wait_for("RELOADING=1", DEADLINE, &cleanup.log);
+    let after = clock_monotonic_usec();
+    let stamp: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC= with RELOADING=1: {reloading:?}"))
+        .parse()
+        .expect("microseconds");
+    assert!(
+        before <= stamp && stamp <= after,
+        "MONOTONIC_USEC={stamp} is not CLOCK_MONOTONIC in µs between {before} and {after}"
+    );
+
+    let named = systemd.wait_for("MAINPIDFD=1", DEADLINE, &cleanup.log);
+    assert_eq!(systemd.passed.len(), 1, "one pidfd with {named:?}");
+    let fdinfo = std::fs::read_to_string(format!(
+        "/proc/self/fdinfo/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&systemd.passed[0])
+    ))
+    .expect("fdinfo of the passed descriptor");
+    let pidfd_of: u32 = fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .unwrap_or_else(|| panic!("not a pidfd: {fdinfo}"))
+        .trim()
+        .parse()
+        .expect("a PID");
+    let ready = systemd.wait_for("READY=1", DEADLINE, &cleanup.log);
+    let main_pid = format!("MAINPID={pidfd_of}");
+    assert!(
+        ready.lines().any(|l| l == main_pid),
+        "READY=1 from the process the pidfd names ({pidfd_of}): {ready:?}"
+    );
+    assert_ne!(pidfd_of, pid0, "the pidfd is the new process's");
+    assert!(
+        ready.lines().any(|l| l == "STATUS=serving, generation 1"),
+        "{ready:?}"
+    );
+    // The old process's MAINPID= of the new one comes after (a no-op for systemd by then),
+    // without READY=1.
+    let repeated = systemd.wait_for(&main_pid, DEADLINE, &cleanup.log);
+    assert!(!repeated.lines().any(|l| l == "READY=1"), "{repeated:?}");
+    wait_until("the old process to exit", DEADLINE, || {
+        (!is_running(pid0)).then_some(())
+    });
+    drop(gen0);
+}
+
 #[test]
 fn counter_refuses_bad_arguments() {
     let mut cmd = Command::new(example("counter"));

@@ -5,9 +5,12 @@
 //!     restart; print the new PID (exit 0) or why not (exit 1)
 //! shellflip status --socket PATH [--timeout SECS] [--json]
 //!     print the service's status (--json: as one line of JSON)
+//! shellflip await-restart --socket PATH [--main-pid PID] [--timeout SECS]
+//!     wait for the outcome of the restart a signal began (ExecReload= of a Type=notify-reload
+//!     unit): print the new PID (exit 0) or why it failed (exit 1)
 //! shellflip run [--grace SECS] -- PROGRAM [ARGS...]
 //!     supervise PROGRAM as a container's process 1 (or as a subreaper): see `run.rs`
-//! shellflip help [restart|status|run]   print the help; also --help, -h, after a command too
+//! shellflip help [restart|status|await-restart|run]   print the help; also --help, -h
 //! shellflip --version               print `shellflip <version>`; also -V
 //! ```
 //!
@@ -18,11 +21,11 @@
 //! Fits `ExecReload=` in a unit: `systemctl reload` then fails when the restart fails.
 
 use std::ffi::{OsStr, OsString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use shellflip::control::{ControlError, RestartCoordinationSocket};
+use shellflip::control::{AttemptOutcome, ControlError, RestartCoordinationSocket, Status};
 
 #[path = "shellflip/run.rs"]
 mod run;
@@ -39,23 +42,30 @@ const HELP: &str = "shellflip: talk to a shellflip service's control socket
 
 usage: shellflip restart --socket PATH [--timeout SECS]
        shellflip status  --socket PATH [--timeout SECS] [--json]
+       shellflip await-restart --socket PATH [--main-pid PID] [--timeout SECS]
        shellflip run [--grace SECS] -- PROGRAM [ARGS...]
-       shellflip help [restart|status|run]
+       shellflip help [restart|status|await-restart|run]
        shellflip --version
 
 commands:
-  restart   ask the service to restart; prints the new PID and exits 0, or prints
-            the reason and exits 1
-  status    print the service's status
-  run       run PROGRAM under a small supervisor, as a container's entry point:
-            it follows the service across restarts, forwards signals, reaps
-            zombies and exits with the service's status ('shellflip run --help')
-  help      print this help, or a command's
+  restart         ask the service to restart; prints the new PID and exits 0, or
+                  prints the reason and exits 1
+  status          print the service's status
+  await-restart   wait for the restart a signal began (systemctl reload of a
+                  Type=notify-reload unit); prints the new PID and exits 0, or
+                  prints the reason and exits 1
+  run             run PROGRAM under a small supervisor, as a container's entry
+                  point: it follows the service across restarts, forwards signals,
+                  reaps zombies and exits with the service's status
+                  ('shellflip run --help')
+  help            print this help, or a command's
 
 options:
   -s, --socket PATH    the service's control socket (also --socket=PATH)
       --timeout SECS   give up waiting for the answer after SECS seconds (default 120)
       --json           status only: print the status as one line of JSON
+      --main-pid PID   await-restart only: the process that was signalled
+                       (default: $MAINPID, which systemd sets for ExecReload=)
   -h, --help           print this help; after a command, that command's help
   -V, --version        print the version
 
@@ -87,6 +97,26 @@ options:
       --json           print the status as one line of JSON
   -h, --help           print this help";
 
+const AWAIT_HELP: &str = "shellflip await-restart: wait for the restart a signal began
+
+usage: shellflip await-restart --socket PATH [--main-pid PID] [--timeout SECS]
+
+For ExecReload= in a Type=notify-reload unit whose ReloadSignal= is the service's
+restart signal: systemd sends the signal, which begins the restart, and runs this,
+whose exit status is the outcome of `systemctl reload` (a notification alone cannot
+fail a reload in systemd 257). It follows the restart the signalled process
+began (at most a second before this command started, or in progress), and prints the
+new generation's PID and exits 0 once another process answers on the socket, or
+prints `restart failed: REASON` and exits 1 when the restart failed (the old process
+keeps serving), or when no restart began within 5 s.
+
+options:
+  -s, --socket PATH    the service's control socket (also --socket=PATH)
+      --main-pid PID   the process that was signalled (default: $MAINPID, set by
+                       systemd for ExecReload=)
+      --timeout SECS   give up after SECS seconds (default 120)
+  -h, --help           print this help";
+
 /// A command that talks to the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CommandName {
@@ -94,6 +124,7 @@ enum CommandName {
     Status,
     /// The supervisor: its arguments are parsed by `run::parse`.
     Run,
+    AwaitRestart,
 }
 
 impl CommandName {
@@ -102,6 +133,7 @@ impl CommandName {
             "restart" => Some(Self::Restart),
             "status" => Some(Self::Status),
             "run" => Some(Self::Run),
+            "await-restart" => Some(Self::AwaitRestart),
             _ => None,
         }
     }
@@ -111,6 +143,7 @@ impl CommandName {
             Self::Restart => "restart",
             Self::Status => "status",
             Self::Run => "run",
+            Self::AwaitRestart => "await-restart",
         }
     }
 
@@ -119,6 +152,9 @@ impl CommandName {
             Self::Restart => "usage: shellflip restart --socket PATH [--timeout SECS]",
             Self::Status => "usage: shellflip status --socket PATH [--timeout SECS] [--json]",
             Self::Run => run::SYNOPSIS,
+            Self::AwaitRestart => {
+                "usage: shellflip await-restart --socket PATH [--main-pid PID] [--timeout SECS]"
+            }
         }
     }
 
@@ -127,6 +163,7 @@ impl CommandName {
             Self::Restart => RESTART_HELP,
             Self::Status => STATUS_HELP,
             Self::Run => run::HELP,
+            Self::AwaitRestart => AWAIT_HELP,
         }
     }
 }
@@ -135,7 +172,13 @@ impl CommandName {
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
     Restart,
-    Status { json: bool },
+    Status {
+        json: bool,
+    },
+    /// The signalled process: given, or `$MAINPID` at run time.
+    AwaitRestart {
+        main_pid: Option<u32>,
+    },
 }
 
 impl Command {
@@ -143,6 +186,7 @@ impl Command {
         match self {
             Self::Restart => CommandName::Restart,
             Self::Status { .. } => CommandName::Status,
+            Self::AwaitRestart { .. } => CommandName::AwaitRestart,
         }
     }
 }
@@ -187,8 +231,8 @@ impl UsageError {
         let (synopsis, help) = match self.command {
             Some(c) => (c.synopsis(), format!("shellflip {} --help", c.as_str())),
             None => (
-                "usage: shellflip (restart|status) --socket PATH [--timeout SECS] [--json]\n       \
-                 shellflip run [--grace SECS] -- PROGRAM [ARGS...]",
+                "usage: shellflip (restart|status|await-restart) --socket PATH [--timeout SECS] \
+                 [--json]\n       shellflip run [--grace SECS] -- PROGRAM [ARGS...]",
                 "shellflip --help".to_string(),
             ),
         };
@@ -228,6 +272,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
     let mut socket: Option<PathBuf> = None;
     let mut timeout = DEFAULT_TIMEOUT;
     let mut json = false;
+    let mut main_pid: Option<u32> = None;
     // `help [COMMAND]`: Some(topic) once the word `help` was seen.
     let mut help: Option<Option<CommandName>> = None;
     // The first control-socket option seen before a command (`run` takes none).
@@ -262,13 +307,27 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
                 json = true;
                 control_option.get_or_insert("--json");
             }
+            Long("main-pid") => {
+                let value = parser
+                    .value()
+                    .map_err(|_| UsageError::new("--main-pid needs a PID", command))?;
+                let pid = value
+                    .to_str()
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .filter(|pid| *pid > 0)
+                    .ok_or_else(|| {
+                        UsageError::new(format!("--main-pid: {value:?} is not a PID"), command)
+                    })?;
+                main_pid = Some(pid);
+                control_option.get_or_insert("--main-pid");
+            }
             Value(word) if command.is_none() && help.is_none() => {
                 if word == "help" {
                     help = Some(None);
                 } else {
                     let name = CommandName::from_word(&word).ok_or_else(|| {
                         UsageError::new(
-                            format!("unknown command {word:?} (expected restart, status or run)"),
+                            format!("unknown command {word:?} (expected restart, status, await-restart or run)"),
                             None,
                         )
                     })?;
@@ -281,7 +340,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
             Value(word) if help == Some(None) => {
                 let topic = CommandName::from_word(&word).ok_or_else(|| {
                     UsageError::new(
-                        format!("help: unknown command {word:?} (expected restart, status or run)"),
+                        format!("help: unknown command {word:?} (expected restart, status, await-restart or run)"),
                         None,
                     )
                 })?;
@@ -295,7 +354,10 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
         return Ok(Invocation::Help(topic));
     }
     let Some(name) = command else {
-        return Err(UsageError::new("missing command: restart or status", None));
+        return Err(UsageError::new(
+            "missing command: restart, status, await-restart or run",
+            None,
+        ));
     };
     let socket = socket.ok_or_else(|| UsageError::new("missing --socket PATH", command))?;
     let command = match name {
@@ -305,9 +367,22 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
                 command,
             ));
         }
+        _ if main_pid.is_some() && name != CommandName::AwaitRestart => {
+            return Err(UsageError::new(
+                "--main-pid is only for await-restart",
+                command,
+            ));
+        }
+        CommandName::AwaitRestart if json => {
+            return Err(UsageError::new(
+                "--json is only for status, not await-restart",
+                command,
+            ));
+        }
         CommandName::Restart => Command::Restart,
         CommandName::Status => Command::Status { json },
         CommandName::Run => unreachable!("`run` is parsed by parse_run"),
+        CommandName::AwaitRestart => Command::AwaitRestart { main_pid },
     };
     Ok(Invocation::Run(Args {
         command,
@@ -334,11 +409,126 @@ fn parse_run(
     }
 }
 
+/// Why a command failed: the service could not be asked, or a followed restart failed.
+#[derive(Debug)]
+enum Failure {
+    Control(ControlError),
+    /// The restart failed (or none began); the reason, as the service or this command says it.
+    Restart(String),
+}
+
+impl From<ControlError> for Failure {
+    fn from(e: ControlError) -> Self {
+        Failure::Control(e)
+    }
+}
+
+/// How long before `await-restart` started the followed restart may have begun: systemd sends
+/// the signal, then starts the command.
+const SIGNAL_SLACK_USEC: u64 = 1_000_000;
+/// How long `await-restart` waits for a restart to begin at all.
+const NOTHING_BEGAN: Duration = Duration::from_secs(5);
+/// How often `await-restart` asks.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What one status says about the restart `await-restart` follows.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Handed over: the new generation's PID.
+    Done(u32),
+    Failed(String),
+    /// Not over yet; the attempt followed from now on (its begin), if any.
+    Wait(Option<u64>),
+}
+
+/// Judges one status: `main_pid` is the signalled process, `started_usec` when the command
+/// started (`CLOCK_MONOTONIC`), `followed` the attempt followed so far.
+fn judge(status: &Status, main_pid: u32, started_usec: u64, followed: Option<u64>) -> Verdict {
+    // Another process answers: the signalled one handed over.
+    if status.pid != main_pid {
+        return Verdict::Done(status.pid);
+    }
+    let Some(attempt) = &status.last_attempt else {
+        return Verdict::Wait(followed);
+    };
+    let began = attempt.began_monotonic_usec;
+    let ours = followed == Some(began)
+        || began.saturating_add(SIGNAL_SLACK_USEC) >= started_usec
+        // A restart that was running when the signal came: the signal joined it.
+        || attempt.outcome == AttemptOutcome::InProgress;
+    if !ours {
+        return Verdict::Wait(followed);
+    }
+    match &attempt.outcome {
+        AttemptOutcome::InProgress => Verdict::Wait(Some(began)),
+        AttemptOutcome::HandedOver { pid } => Verdict::Done(pid.unwrap_or(status.pid)),
+        AttemptOutcome::Failed { reason } => Verdict::Failed(reason.clone()),
+        _ => Verdict::Wait(Some(began)),
+    }
+}
+
+/// Follows the restart that a signal to `main_pid` began, until it is over.
+async fn await_restart(socket: &Path, main_pid: u32) -> Result<String, Failure> {
+    let started_usec = monotonic_usec();
+    let started = tokio::time::Instant::now();
+    let mut followed = None;
+    let mut last_error = None;
+    loop {
+        let status = async {
+            RestartCoordinationSocket::connect(socket)
+                .await?
+                .send_status_request()
+                .await
+        };
+        match status.await {
+            // Between generations the socket may not answer for a moment: ask again.
+            Err(e) => last_error = Some(e),
+            Ok(status) => match judge(&status, main_pid, started_usec, followed) {
+                Verdict::Done(pid) => return Ok(pid.to_string()),
+                Verdict::Failed(reason) => return Err(Failure::Restart(reason)),
+                Verdict::Wait(f) => followed = f,
+            },
+        }
+        if followed.is_none() && started.elapsed() > NOTHING_BEGAN {
+            return Err(match last_error {
+                Some(e) => Failure::Control(e),
+                None => Failure::Restart(format!(
+                    "no restart began within {NOTHING_BEGAN:?} (is the unit's ReloadSignal= \
+                     the service's restart signal?)"
+                )),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn monotonic_usec() -> u64 {
+    match sd_notify::NotifyState::monotonic_usec_now() {
+        Ok(sd_notify::NotifyState::MonotonicUsec(usec)) => usec.try_into().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Asks the service; returns the line(s) to print.
-async fn run(args: &Args) -> Result<String, ControlError> {
+async fn run(args: &Args) -> Result<String, Failure> {
     let work = async {
+        if let Command::AwaitRestart { main_pid } = args.command {
+            let main_pid = match main_pid {
+                Some(pid) => pid,
+                None => std::env::var("MAINPID")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| {
+                        Failure::Restart(
+                            "no --main-pid, and no $MAINPID (systemd sets it for ExecReload=)"
+                                .into(),
+                        )
+                    })?,
+            };
+            return await_restart(&args.socket, main_pid).await;
+        }
         let mut socket = RestartCoordinationSocket::connect(&args.socket).await?;
-        match args.command {
+        let out: Result<String, ControlError> = match args.command {
             Command::Restart => socket
                 .send_restart_command()
                 .await
@@ -347,14 +537,19 @@ async fn run(args: &Args) -> Result<String, ControlError> {
                 socket.send_status_request().await.map(|s| s.to_string())
             }
             Command::Status { json: true } => {
-                let status = socket.send_status_request().await?;
-                Ok(serde_json::to_string(&status)?)
+                async {
+                    let status = socket.send_status_request().await?;
+                    Ok(serde_json::to_string(&status)?)
+                }
+                .await
             }
-        }
+            Command::AwaitRestart { .. } => unreachable!("handled above"),
+        };
+        out.map_err(Failure::from)
     };
     tokio::time::timeout(args.timeout, work)
         .await
-        .map_err(|_| ControlError::Timeout(args.timeout))?
+        .map_err(|_| Failure::Control(ControlError::Timeout(args.timeout)))?
 }
 
 fn main() -> ExitCode {
@@ -390,8 +585,12 @@ fn main() -> ExitCode {
             println!("{out}");
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Err(Failure::Control(e)) => {
             eprintln!("shellflip: {} failed: {e}", args.command.name().as_str());
+            ExitCode::FAILURE
+        }
+        Err(Failure::Restart(reason)) => {
+            eprintln!("shellflip: restart failed: {reason}");
             ExitCode::FAILURE
         }
     }
@@ -559,7 +758,7 @@ mod tests {
         assert!(lines[2].contains("shellflip restart --help"), "{report}");
         let report = parse_list(&["frobnicate"]).unwrap_err().report();
         assert!(
-            report.contains("usage: shellflip (restart|status)"),
+            report.contains("usage: shellflip (restart|status|await-restart)"),
             "{report}"
         );
         assert!(report.contains("'shellflip --help'"), "{report}");
@@ -606,5 +805,100 @@ mod tests {
         assert!(report.contains("shellflip run --help"), "{report}");
         let report = parse_list(&[]).unwrap_err().report();
         assert!(report.contains("shellflip run [--grace"), "{report}");
+    }
+
+    #[test]
+    fn parses_await_restart() {
+        let a = args(&["await-restart", "--socket", "/s", "--main-pid", "42"]);
+        assert_eq!(a.command, Command::AwaitRestart { main_pid: Some(42) });
+        let a = args(&["await-restart", "-s", "/s"]);
+        assert_eq!(a.command, Command::AwaitRestart { main_pid: None });
+        assert!(error(&["restart", "-s", "/s", "--main-pid", "4"]).contains("only for await"));
+        assert!(error(&["await-restart", "-s", "/s", "--main-pid", "x"]).contains("not a PID"));
+        assert!(error(&["await-restart", "-s", "/s", "--main-pid", "0"]).contains("not a PID"));
+        assert!(error(&["await-restart", "-s", "/s", "--json"]).contains("--json"));
+        assert_eq!(
+            parse_list(&["help", "await-restart"]),
+            Ok(Invocation::Help(Some(CommandName::AwaitRestart)))
+        );
+    }
+
+    /// A status as the service sends it, from PID 10, with this last attempt.
+    fn status(pid: u32, attempt: &str) -> Status {
+        serde_json::from_str(&format!(
+            r#"{{"pid":{pid},"generation":3,"lifecycle":"fork-exec","ready":true,
+                "restart_in_progress":false,"last_result":null,"state_on_start":"none",
+                "last_attempt":{attempt}}}"#
+        ))
+        .expect("a status")
+    }
+
+    #[test]
+    fn await_restart_follows_the_restart_the_signal_began() {
+        let t0 = 50_000_000; // the command started at 50 s
+        let in_progress = |began: u64| {
+            status(
+                10,
+                &format!(
+                    r#"{{"began_monotonic_usec":{began},"outcome":{{"state":"in_progress"}}}}"#
+                ),
+            )
+        };
+        let failed = |began: u64| {
+            status(
+                10,
+                &format!(
+                    r#"{{"began_monotonic_usec":{began},"outcome":{{"state":"failed","reason":"state refused"}}}}"#
+                ),
+            )
+        };
+        // Nothing began yet: wait.
+        assert_eq!(
+            judge(&status(10, "null"), 10, t0, None),
+            Verdict::Wait(None)
+        );
+        // An old failure, long before the signal: not ours, wait.
+        assert_eq!(
+            judge(&failed(10_000_000), 10, t0, None),
+            Verdict::Wait(None)
+        );
+        // Begun just before the command started (the signal came first): followed.
+        assert_eq!(
+            judge(&in_progress(49_900_000), 10, t0, None),
+            Verdict::Wait(Some(49_900_000))
+        );
+        // Already running long before (the signal joined it): followed too.
+        assert_eq!(
+            judge(&in_progress(1_000_000), 10, t0, None),
+            Verdict::Wait(Some(1_000_000))
+        );
+        // ... and its failure is ours.
+        assert_eq!(
+            judge(&failed(1_000_000), 10, t0, Some(1_000_000)),
+            Verdict::Failed("state refused".into())
+        );
+        // A fast failure, over before the first look: ours by its begin.
+        assert_eq!(
+            judge(&failed(49_950_000), 10, t0, None),
+            Verdict::Failed("state refused".into())
+        );
+        // Another process answers: handed over.
+        assert_eq!(judge(&failed(10_000_000), 11, t0, None), Verdict::Done(10));
+        let handed = status(
+            10,
+            r#"{"began_monotonic_usec":50000100,"outcome":{"state":"handed_over","pid":77}}"#,
+        );
+        assert_eq!(judge(&handed, 10, t0, None), Verdict::Done(77));
+    }
+
+    #[test]
+    fn a_status_without_last_attempt_still_parses() {
+        // From a service built before the field existed.
+        let old: Status = serde_json::from_str(
+            r#"{"pid":1,"generation":0,"lifecycle":"systemd","ready":true,
+                "restart_in_progress":false,"last_result":null,"state_on_start":"none"}"#,
+        )
+        .unwrap();
+        assert_eq!(old.last_attempt, None);
     }
 }

@@ -88,6 +88,12 @@ pub struct Status {
     /// A probation running now ([`RestartConfig::probation`](crate::RestartConfig::probation)).
     #[serde(default)]
     pub probation: Option<Probation>,
+    /// The restart this process began last, with when it began (fork/exec lifecycle; `None`
+    /// before the first, and from services older than this field). `shellflip await-restart`
+    /// follows it to learn the outcome of a restart begun by a signal (`systemctl reload` of a
+    /// `Type=notify-reload` unit).
+    #[serde(default)]
+    pub last_attempt: Option<Attempt>,
 }
 
 /// A probation that runs now.
@@ -106,6 +112,50 @@ impl std::fmt::Display for Probation {
         match self {
             Probation::Successor(pid) => write!(f, "new process {pid}"),
             Probation::This => f.write_str("this process, until the previous one confirms it"),
+        }
+    }
+}
+
+/// A restart a process began, and how it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Attempt {
+    /// When it began: `CLOCK_MONOTONIC` in microseconds, the clock systemd's `MONOTONIC_USEC=`
+    /// uses.
+    pub began_monotonic_usec: u64,
+    /// How it stands.
+    pub outcome: AttemptOutcome,
+}
+
+/// How a restart stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+#[non_exhaustive]
+pub enum AttemptOutcome {
+    /// Still running.
+    InProgress,
+    /// The successor took over (its PID, in the fork/exec lifecycle).
+    HandedOver {
+        /// The new generation's PID.
+        pid: Option<u32>,
+    },
+    /// It failed, or was refused; the process kept serving.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Attempt {
+    /// An attempt beginning now.
+    pub(crate) fn begin() -> Attempt {
+        let began_monotonic_usec = match sd_notify::NotifyState::monotonic_usec_now() {
+            Ok(sd_notify::NotifyState::MonotonicUsec(usec)) => usec.try_into().unwrap_or(0),
+            _ => 0,
+        };
+        Attempt {
+            began_monotonic_usec,
+            outcome: AttemptOutcome::InProgress,
         }
     }
 }

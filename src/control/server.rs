@@ -810,6 +810,7 @@ mod tests {
             last_result: None,
             state_on_start: "none".into(),
             probation: None,
+            last_attempt: None,
         }
     }
 

@@ -24,6 +24,9 @@ pub struct FakeSystemd {
     pub store: BTreeMap<String, OwnedFd>,
     /// Every notification received, in order.
     pub messages: Vec<String>,
+    /// The descriptors that came with the last notification that was not `FDSTORE=1` (such
+    /// as the pidfd of `MAINPIDFD=1`).
+    pub passed: Vec<OwnedFd>,
 }
 
 impl FakeSystemd {
@@ -39,6 +42,7 @@ impl FakeSystemd {
             path,
             store: BTreeMap::new(),
             messages: Vec::new(),
+            passed: Vec::new(),
         }
     }
 
@@ -76,6 +80,8 @@ impl FakeSystemd {
             for fd in fds {
                 self.store.insert(name.to_string(), fd);
             }
+        } else {
+            self.passed = fds;
         }
         if fields.get("FDSTOREREMOVE") == Some(&"1") {
             self.store.remove(name);

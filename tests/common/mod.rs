@@ -43,6 +43,7 @@ pub const PROTOCOL_VARS: &[&str] = &[
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",
     "NOTIFY_SOCKET",
 ];
 
