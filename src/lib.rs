@@ -111,6 +111,10 @@ compile_error!(
      file descriptor store"
 );
 
+#[cfg(feature = "axum")]
+pub mod axum;
+#[cfg(feature = "client-retry")]
+pub mod client;
 mod config;
 pub mod control;
 mod fork_exec;
