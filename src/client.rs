@@ -43,17 +43,18 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// use http_body_util::Full;
 /// use hyper_util::client::legacy::Client;
 /// use hyper_util::rt::TokioExecutor;
-/// use tower::{Service, ServiceExt};
+/// use tower::ServiceExt;
 ///
 /// # async fn f() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 /// let client = Client::builder(TokioExecutor::new())
 ///     .http2_only(true)
 ///     .build_http::<Full<Bytes>>();
-/// let mut client = tower::ServiceBuilder::new()
+/// let client = tower::ServiceBuilder::new()
 ///     .layer(shellflip::client::RetryLayer::new())
 ///     .service(client);
 /// let request = http::Request::get("http://127.0.0.1:8080/").body(http_body_util::Empty::<Bytes>::new())?;
-/// let response = client.ready().await?.call(request).await?;
+/// // `oneshot` (or `ServiceExt::<http::Request<_>>::ready`): the layer takes any body type.
+/// let response = client.clone().oneshot(request).await?;
 /// # Ok(()) }
 /// ```
 ///
