@@ -51,6 +51,10 @@ impl shellflip::LifecycleHandler for Generation {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: no other thread exists yet.
     unsafe { shellflip::init_from_env() }?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     let code = shellflip_bench::svc::runtime()?.block_on(serve(args))?;
     std::process::exit(code)
