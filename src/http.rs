@@ -27,7 +27,7 @@ use crate::shutdown::ShutdownSignal;
 
 #[cfg(feature = "http2")]
 mod auto;
-#[cfg(feature = "http2")]
+#[cfg(feature = "axum")]
 pub(crate) use auto::serve_with;
 #[cfg(feature = "http2")]
 pub use auto::{ConnectionError, Drain, Stop, serve, serve_connection_auto};
