@@ -11,7 +11,8 @@
 //!
 //! Handlers can extract the peer's address with
 //! `axum::extract::ConnectInfo<std::net::SocketAddr>`, as with
-//! `into_make_service_with_connect_info`.
+//! `into_make_service_with_connect_info`. A WebSocket, once upgraded, is a task of the
+//! application's own: the drain does not wait for it (end it on a `ShutdownSignal` of yours).
 
 use std::convert::Infallible;
 use std::future::IntoFuture;
