@@ -230,3 +230,107 @@ pub fn never_processed(error: &(dyn StdError + 'static)) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
+
+    /// An HTTP/2 server that answers each connection's requests in turn with `answers`
+    /// (`None`: 200, `Some(reason)`: a reset), counting the requests it received.
+    async fn server(answers: Vec<Option<h2::Reason>>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (answers, counter) = (answers.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        let n = counter.fetch_add(1, Ordering::SeqCst);
+                        match answers.get(n).copied().flatten() {
+                            Some(reason) => respond.send_reset(reason),
+                            None => {
+                                let _ = respond.send_response(Response::new(()), true);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    type Client = hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >;
+
+    fn client() -> Client {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http()
+    }
+
+    fn get(addr: std::net::SocketAddr, body: &'static [u8]) -> Request<Full<Bytes>> {
+        Request::post(format!("http://{addr}/"))
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_retried_and_answered() {
+        let refused = Some(h2::Reason::REFUSED_STREAM);
+        let (addr, seen) = server(vec![refused, refused, None]).await;
+        // Without the layer, the refusal reaches the caller, and is recognised.
+        let e = client().request(get(addr, b"x")).await.unwrap_err();
+        assert!(never_processed(&e), "{e:?}");
+        // With it, the second refusal is retried too, and the third attempt is answered.
+        let retry = RetryLayer::new().layer_over(client());
+        let response = retry.oneshot(get(addr, b"body")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_reset_the_server_may_have_acted_on_is_not_retried() {
+        let (addr, seen) = server(vec![Some(h2::Reason::INTERNAL_ERROR), None]).await;
+        let retry = RetryLayer::new().layer_over(client());
+        let e = retry.oneshot(get(addr, b"")).await.unwrap_err();
+        assert!(!never_processed(&*e), "{e:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "retried");
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded() {
+        let (addr, seen) = server(vec![Some(h2::Reason::REFUSED_STREAM); 10]).await;
+        let retry = RetryLayer::new().retries(2).layer_over(client());
+        let e = retry.oneshot(get(addr, b"")).await.unwrap_err();
+        assert!(never_processed(&*e), "{e:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_not_sent() {
+        let (addr, seen) = server(vec![]).await;
+        let retry = RetryLayer::new().max_body(3).layer_over(client());
+        let e = retry.oneshot(get(addr, b"four")).await.unwrap_err();
+        assert!(
+            matches!(e.downcast_ref::<BodyError>(), Some(BodyError::TooLarge(3))),
+            "{e:?}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 0);
+    }
+
+    impl RetryLayer {
+        fn layer_over<S>(self, inner: S) -> Retry<S> {
+            tower_layer::Layer::layer(&self, inner)
+        }
+    }
+}

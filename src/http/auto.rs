@@ -412,3 +412,118 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper::body::Bytes;
+
+    fn hello() -> impl Service<
+        Request<Incoming>,
+        Response = Response<Full<Bytes>>,
+        Error = std::convert::Infallible,
+        Future = impl Future + Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello"))))
+        })
+    }
+
+    /// What stopped serving, told when accepting stopped.
+    #[derive(Debug)]
+    struct Told(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Stop for Told {
+        fn accepting_stopped(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Keep-alive HTTP/1.1 and HTTP/2 clients, connected before the stop: the HTTP/1.1 one is
+    /// answered with `Connection: close` after it, the HTTP/2 one is sent GOAWAY, and `serve`
+    /// returns what stopped it, told, once both are done.
+    #[tokio::test]
+    async fn after_the_stop_http1_is_told_to_close_and_http2_goes_away() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Told>();
+        let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drain = Drain::default().grace(Duration::from_secs(30));
+        let served = tokio::spawn(serve(listener, hello(), stop_rx, drain));
+
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut h2, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let h2_conn = tokio::spawn(conn);
+        let get = || Request::get("/").body(Empty::<Bytes>::new()).unwrap();
+        let r = h1.send_request(get()).await.unwrap();
+        assert!(r.headers().get(CONNECTION).is_none());
+        let r = h2.send_request(get()).await.unwrap();
+        assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "hello");
+
+        stop_tx.send(Told(told.clone())).unwrap();
+        // The HTTP/2 connection ends (GOAWAY) without the client doing anything.
+        tokio::time::timeout(Duration::from_secs(10), h2_conn)
+            .await
+            .expect("the HTTP/2 connection to end")
+            .unwrap()
+            .unwrap();
+        assert!(
+            told.load(Ordering::SeqCst),
+            "accepting_stopped was not called"
+        );
+        // The HTTP/1.1 connection is still served, and told to close.
+        let r = h1.send_request(get()).await.unwrap();
+        assert_eq!(r.headers().get(CONNECTION).unwrap(), "close");
+        assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "hello");
+        let stopped = tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("serve to return once drained")
+            .unwrap();
+        assert!(stopped.is_ok_and(|t| Arc::ptr_eq(&t.0, &told)));
+        // Not accepting any more.
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    /// A connection that stays busy is closed when the drain timeout passes.
+    #[tokio::test]
+    async fn the_drain_is_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let slow = hyper::service::service_fn(|_req| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let drain = Drain::default()
+            .grace(Duration::from_millis(50))
+            .timeout(Duration::from_millis(200));
+        let served = tokio::spawn(serve(listener, slow, stop_rx, drain));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let pending = h1.send_request(Request::get("/").body(Empty::<Bytes>::new()).unwrap());
+        let pending = tokio::spawn(pending);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("serve to return at the drain timeout")
+            .unwrap()
+            .unwrap();
+        // The request in flight was cut off.
+        assert!(pending.await.unwrap().is_err());
+    }
+}
