@@ -228,7 +228,8 @@ fn main() -> ExitCode {
             }
             Bench::Frameworks { load: a, only, h2load_secs } => {
                 let mut o = a.options(200);
-                o.repeats = a.repeats.min(1).max(1);
+                // One repeat of `--restarts` (200) restarts per row; `--repeats` does not apply.
+                o.repeats = 1;
                 let mut text = String::new();
                 let mut series = Vec::new();
                 let mut result = Ok(());
