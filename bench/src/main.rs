@@ -282,9 +282,15 @@ fn main() -> ExitCode {
                         Err(e) => result = Err(e),
                     }
                 }
+                // A partial run does not overwrite the whole one's results.
+                let name: &'static str = if only.len() == 3 {
+                    "frameworks"
+                } else {
+                    Box::leak(format!("frameworks-{}", only.join("-")).into_boxed_str())
+                };
                 (
-                    "frameworks",
-                    format!("frameworks: {} (HTTP/2: {} streams per connection)", describe(&o), shellflip_bench::loadgen::H2_STREAMS),
+                    name,
+                    format!("frameworks --only {}: {} (HTTP/2: {} streams per connection)", only.join(","), describe(&o), shellflip_bench::loadgen::H2_STREAMS),
                     result.map(|()| text),
                 )
             }
