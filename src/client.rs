@@ -138,7 +138,17 @@ pub struct Retry<S> {
     attempts: usize,
 }
 
-/// The request body could not be buffered for a replay.
+/// The request body could not be buffered for a replay: the layered service's error then
+/// (boxed), found with `downcast_ref`.
+///
+/// # Examples
+///
+/// ```
+/// use shellflip::client::BodyError;
+///
+/// let e: Box<dyn std::error::Error + Send + Sync> = BodyError::TooLarge(65536).into();
+/// assert!(matches!(e.downcast_ref::<BodyError>(), Some(BodyError::TooLarge(65536))));
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BodyError {

@@ -148,7 +148,23 @@ impl<T: Stop> Stop for Option<T> {
     }
 }
 
-/// An HTTP connection failed (a protocol error, or the client went away mid-request).
+/// An HTTP connection failed (a protocol error, or the client went away mid-request): what
+/// [`serve_connection_auto`] returns then. Its source is hyper's error.
+///
+/// # Examples
+///
+/// ```
+/// # async fn f(io: hyper_util::rt::TokioIo<tokio::net::TcpStream>, signal: shellflip::ShutdownSignal) {
+/// let service = hyper::service::service_fn(|_req| async {
+///     Ok::<_, std::convert::Infallible>(hyper::Response::new(String::from("hello\n")))
+/// });
+/// let grace = std::time::Duration::from_secs(5);
+/// if let Err(e) = shellflip::http::serve_connection_auto(io, service, signal, grace).await {
+///     let _cause = std::error::Error::source(&e); // hyper's error
+///     eprintln!("{e}");
+/// }
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[error("HTTP connection: {0}")]
 pub struct ConnectionError(#[source] BoxError);
