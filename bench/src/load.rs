@@ -290,6 +290,9 @@ impl Service {
         match result {
             // An external service's restart command does not tell the new PID (0).
             Ok(pid) if pid > 0 => {
+                // A PID seen before belongs to this new generation now: without this, a stale
+                // exit would keep `stop` from ending it.
+                proc::forget(pid as i32);
                 self.pid = pid as i32;
                 self.pids.push(pid as i32);
             }

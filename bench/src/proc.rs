@@ -81,6 +81,17 @@ pub fn wait_exit(pid: i32, timeout: Duration) -> Option<String> {
     }
 }
 
+/// Forgets the recorded exit of an earlier process that had `pid`: call it when a new process
+/// is known to have that PID (a generation started by its predecessor), or [`alive`] and
+/// [`wait_exit`] would take the old exit for the new process's.
+pub fn forget(pid: i32) {
+    reaper()
+        .exited
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&pid);
+}
+
 /// True while `pid` exists and was not reaped yet.
 pub fn alive(pid: i32) -> bool {
     if pid <= 0 {
