@@ -1,4 +1,5 @@
-//! Draining HTTP/1.1 keep-alive connections without losing a request (feature `hyper`).
+//! Draining HTTP connections without losing a request: HTTP/1.1 with hyper (feature `hyper`),
+//! HTTP/1.1 and HTTP/2 cleartext on one port with hyper-util's `auto` builder (feature `http2`).
 //!
 //! The drain that hyper documents (`graceful_shutdown`) closes idle keep-alive connections at
 //! once. A client that sends its next request on such a connection at that moment sees it
@@ -8,6 +9,11 @@
 //! `Connection: close`, then closes. The client learns from the answer itself that it must
 //! reconnect, and its next connection reaches the new generation. Only a connection that stays
 //! silent for the whole grace period is closed idle.
+//!
+//! With the `http2` feature, [`serve`] runs the whole accept loop of a hyper service on one
+//! port for both protocols: it stops accepting when the restart task resolves, tells the
+//! restart's initiator ([`Stop`]), drains every connection ([`serve_connection_auto`]: HTTP/1.1
+//! as above, HTTP/2 with GOAWAY) and waits at most [`Drain::timeout`].
 
 use std::time::Duration;
 
@@ -18,6 +24,13 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 
 use crate::shutdown::ShutdownSignal;
+
+#[cfg(feature = "http2")]
+mod auto;
+#[cfg(feature = "axum")]
+pub(crate) use auto::serve_with;
+#[cfg(feature = "http2")]
+pub use auto::{ConnectionError, Drain, Stop, serve, serve_connection_auto};
 
 /// Serves one HTTP/1.1 connection with keep-alive until the client leaves or, once `signal`
 /// fires, until its next response (sent with `Connection: close`) or `grace` has passed.

@@ -428,9 +428,33 @@ fn read_environment(get: &dyn Fn(&str) -> Option<OsString>) -> Result<Inherited,
 /// abandoned half-way, say by a SIGTERM to the old generation): until it declares itself ready,
 /// it is killed when its parent dies (`PR_SET_PDEATHSIG`; [`clear_parent_death_signal`]
 /// lifts that). A parent that died already ends it now.
+///
+/// `PR_SET_PDEATHSIG` belongs to the thread that set it, and only that thread can lift it; the
+/// readiness is declared on whichever thread first polls the restart task (a runtime's worker,
+/// when a framework spawns it). So a thread of its own holds it, and lifts it by ending when
+/// the process is ready: set on the main thread, it would stay set, and the new generation
+/// would be killed when the old one exits after a successful restart.
 fn die_with_parent(parent: u32) {
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
-        tracing::warn!("cannot ask to be stopped with the parent generation: {e}");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (armed_tx, armed_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::Builder::new()
+        .name("shellflip-parent".into())
+        .spawn(move || {
+            let armed = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            let _ = armed_tx.send(armed);
+            // Until ready (the sender is dropped); the thread's end lifts the signal.
+            let _ = ready_rx.recv();
+        });
+    match holder.map(|h| (armed_rx.recv(), h)) {
+        Ok((Ok(Ok(())), holder)) => {
+            *PARENT_DEATH.lock().unwrap_or_else(|p| p.into_inner()) = Some((ready_tx, holder));
+        }
+        Ok((Ok(Err(e)), _)) => {
+            tracing::warn!("cannot ask to be stopped with the parent generation: {e}")
+        }
+        Ok((Err(_), _)) | Err(_) => {
+            tracing::warn!("cannot ask to be stopped with the parent generation: no thread")
+        }
     }
     if std::os::unix::process::parent_id() != parent {
         eprintln!(
@@ -441,10 +465,20 @@ fn die_with_parent(parent: u32) {
     }
 }
 
-/// Once ready, this process is the service: its parent generation may exit.
+/// The thread that holds `PR_SET_PDEATHSIG` ([`die_with_parent`]), and what ends it.
+type Holder = (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>);
+static PARENT_DEATH: std::sync::Mutex<Option<Holder>> = std::sync::Mutex::new(None);
+
+/// Once ready, this process is the service: its parent generation may exit. Works from any
+/// thread; returns once the thread that held the signal has ended (at once: it only waits).
 pub(crate) fn clear_parent_death_signal() {
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(None) {
-        tracing::warn!("cannot stop following the parent generation: {e}");
+    let holder = PARENT_DEATH
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some((ready, thread)) = holder {
+        drop(ready);
+        let _ = thread.join();
     }
 }
 

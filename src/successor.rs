@@ -427,18 +427,22 @@ impl Process {
             return status;
         }
         let _ = self.pidfd.readable().await;
-        match waitid(
-            Id::PIDFd(self.pidfd.get_ref().as_fd()),
-            WaitPidFlag::WEXITED,
-        ) {
-            Ok(status) => {
-                let status = exit_status(&status);
-                self.status = Some(status);
-                status
-            }
-            Err(e) => {
-                tracing::warn!(pid = self.pid.as_raw(), "cannot read the exit status: {e}");
-                ExitStatus::Unknown
+        // Never a blocking wait on a runtime's thread: the pidfd is readable as soon as the
+        // process exits, but it can take a moment more to become a zombie (longer while
+        // another program reads its /proc entries).
+        loop {
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG;
+            match waitid(Id::PIDFd(self.pidfd.get_ref().as_fd()), flags) {
+                Ok(WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Ok(status) => {
+                    let status = exit_status(&status);
+                    self.status = Some(status);
+                    return status;
+                }
+                Err(e) => {
+                    tracing::warn!(pid = self.pid.as_raw(), "cannot read the exit status: {e}");
+                    return ExitStatus::Unknown;
+                }
             }
         }
     }

@@ -17,6 +17,10 @@ pub struct Bins {
     pub shellflip2: PathBuf,
     /// The small services on this crate (`bench-svc`).
     pub svc: PathBuf,
+    /// The axum example (`examples/axum.rs`).
+    pub axum: PathBuf,
+    /// The framework services (`bench-fw`).
+    pub fw: PathBuf,
 }
 
 /// The bench crate's directory (`bench/`).
@@ -51,8 +55,10 @@ pub fn prepare(build: bool) -> io::Result<Bins> {
                 "shellflip",
                 "--example",
                 "restarter",
+                "--example",
+                "axum",
                 "--features",
-                "hyper",
+                "hyper,axum",
             ][..],
             &["build", "-p", "shellflip-bench", "--bins"][..],
         ] {
@@ -73,6 +79,8 @@ pub fn prepare(build: bool) -> io::Result<Bins> {
         ecdysis: dir.join("bench-ecdysis"),
         shellflip2: dir.join("bench-shellflip2"),
         svc: dir.join("bench-svc"),
+        axum: dir.join("examples").join("axum"),
+        fw: dir.join("bench-fw"),
     };
     for p in [
         &bins.restarter,
@@ -80,6 +88,8 @@ pub fn prepare(build: bool) -> io::Result<Bins> {
         &bins.ecdysis,
         &bins.shellflip2,
         &bins.svc,
+        &bins.axum,
+        &bins.fw,
     ] {
         if !p.exists() {
             return Err(io::Error::other(format!(

@@ -6,6 +6,7 @@
 //! services under test besides the example are the binaries in `src/bin/`.
 
 pub mod env;
+pub mod h2load;
 pub mod idle;
 pub mod latency;
 pub mod load;

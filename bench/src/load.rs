@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::env::Bins;
-use crate::loadgen::{FAILURES, Load, LoadSpec, Outcome, Sample};
+use crate::loadgen::{FAILURES, Load, LoadSpec, Mode, Outcome, Sample};
 use crate::proc::{self, TempDir};
 use crate::stats::{self, Summary, Table};
 
@@ -22,6 +22,12 @@ pub enum Flavor {
     Shellflip2,
     /// A service this driver did not start, restarted by a command (the systemd half).
     External,
+    /// axum on this crate with the drain axum documents (`with_graceful_shutdown`).
+    AxumDocumented,
+    /// axum on this crate through `shellflip::axum::serve` (`examples/axum.rs`).
+    Axum,
+    /// hyper-util's `auto` (HTTP/1.1 and h2c) through `shellflip::http::serve`.
+    Auto,
 }
 
 impl Flavor {
@@ -32,6 +38,9 @@ impl Flavor {
             Flavor::Ecdysis => "ecdysis 1.1.1",
             Flavor::Shellflip2 => "shellflip 2.1.3",
             Flavor::External => "external",
+            Flavor::AxumDocumented => "axum, its documented drain",
+            Flavor::Axum => "axum, shellflip::axum::serve",
+            Flavor::Auto => "hyper-util auto, shellflip::http::serve",
         }
     }
 }
@@ -127,6 +136,30 @@ impl Service {
                     "an external service is not started here",
                 ));
             }
+            Flavor::Axum => (
+                &bins.axum,
+                vec![
+                    a("--http"),
+                    a(&addr.to_string()),
+                    a("--socket"),
+                    socket.clone().into(),
+                ],
+            ),
+            Flavor::AxumDocumented | Flavor::Auto => (
+                &bins.fw,
+                vec![
+                    a("--server"),
+                    a(if flavor == Flavor::Auto {
+                        "auto"
+                    } else {
+                        "axum-documented"
+                    }),
+                    a("--http"),
+                    a(&addr.to_string()),
+                    a("--socket"),
+                    socket.clone().into(),
+                ],
+            ),
             Flavor::Shellflip2 => (
                 &bins.shellflip2,
                 vec![
@@ -191,12 +224,14 @@ impl Service {
     pub async fn restart(&mut self) -> Result<u32, String> {
         let work = async {
             match self.flavor {
-                Flavor::Ours => shellflip::RestartCoordinationSocket::connect(&self.socket)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .send_restart_command()
-                    .await
-                    .map_err(|e| e.to_string()),
+                Flavor::Ours | Flavor::Axum | Flavor::AxumDocumented | Flavor::Auto => {
+                    shellflip::RestartCoordinationSocket::connect(&self.socket)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .send_restart_command()
+                        .await
+                        .map_err(|e| e.to_string())
+                }
                 Flavor::Shellflip2 => shellflip2::RestartConfig {
                     enabled: true,
                     coordination_socket_path: self.socket.clone(),
@@ -255,6 +290,9 @@ impl Service {
         match result {
             // An external service's restart command does not tell the new PID (0).
             Ok(pid) if pid > 0 => {
+                // A PID seen before belongs to this new generation now: without this, a stale
+                // exit would keep `stop` from ending it.
+                proc::forget(pid as i32);
                 self.pid = pid as i32;
                 self.pids.push(pid as i32);
             }
@@ -355,7 +393,7 @@ pub struct Figures {
     /// Requests sent.
     pub requests: u64,
     /// Failures per kind, in [`FAILURES`] order.
-    pub failures: [u64; 7],
+    pub failures: [u64; FAILURES.len()],
     /// Failures that started inside a restart window.
     pub failures_in_windows: u64,
     /// Requests per second.
@@ -538,20 +576,25 @@ pub struct LoadOptions {
     pub keepalive: bool,
     /// Also run the new-connection-per-request mode.
     pub new_connections: bool,
+    /// Also run HTTP/2 cleartext with hyper's client.
+    pub h2c: bool,
+    /// Also run HTTP/2 cleartext with hyper's client behind the retry layer.
+    pub h2c_retry: bool,
     /// Deadline of one request.
     pub timeout: Duration,
 }
 
 impl LoadOptions {
-    fn modes(&self) -> Vec<(bool, &'static str)> {
-        let mut m = Vec::new();
-        if self.keepalive {
-            m.push((true, "keep-alive"));
-        }
-        if self.new_connections {
-            m.push((false, "new per request"));
-        }
-        m
+    fn modes(&self) -> Vec<Mode> {
+        [
+            (self.keepalive, Mode::KeepAlive),
+            (self.new_connections, Mode::NewConnection),
+            (self.h2c, Mode::H2c),
+            (self.h2c_retry, Mode::H2cRetry),
+        ]
+        .into_iter()
+        .filter_map(|(on, m)| on.then_some(m))
+        .collect()
     }
 }
 
@@ -581,14 +624,15 @@ pub async fn compare_services(
 ) -> std::io::Result<(Vec<Series>, Vec<(&'static str, Repeat)>)> {
     let mut series = Vec::new();
     let mut pictures = Vec::new();
-    for (keepalive, mode) in o.modes() {
+    for m in o.modes() {
+        let mode = m.label();
         let mut per: Vec<Vec<Figures>> = vec![Vec::new(); services.len()];
         for r in 0..o.repeats {
             for (i, (label, svc)) in services.iter_mut().enumerate() {
                 let spec = LoadSpec {
                     addr: svc.addr,
                     connections: o.connections,
-                    keepalive,
+                    mode: m,
                     timeout: o.timeout,
                 };
                 eprintln!(

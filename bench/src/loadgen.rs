@@ -1,6 +1,8 @@
 //! The load generator: HTTP/1.1 `GET /` over N connections, closed loop, as fast as the machine
 //! answers. Keep-alive connections are reused until the server answers `Connection: close` (then
 //! the client reconnects: not a failure); in the other mode every request opens a connection.
+//! The HTTP/2 cleartext modes use hyper-util's client (one per connection, each with
+//! [`H2_STREAMS`] tasks sending on it), with or without `shellflip::client::RetryLayer`.
 //!
 //! Every request is recorded: when it started, how long it took, and how it ended.
 
@@ -33,10 +35,13 @@ pub enum Outcome {
     ShortBody = 6,
     /// Any other error.
     Other = 7,
+    /// HTTP/2: the server never processed the request (REFUSED_STREAM, or above the last stream
+    /// id of a GOAWAY): safe to retry (RFC 9113 §8.7).
+    Unprocessed = 8,
 }
 
 /// Every failure kind, in table order, with its column name.
-pub const FAILURES: [(Outcome, &str); 7] = [
+pub const FAILURES: [(Outcome, &str); 8] = [
     (Outcome::Refused, "refused"),
     (Outcome::Reset, "reset"),
     (Outcome::Closed, "closed"),
@@ -44,7 +49,36 @@ pub const FAILURES: [(Outcome, &str); 7] = [
     (Outcome::BadStatus, "bad status"),
     (Outcome::ShortBody, "short body"),
     (Outcome::Other, "other"),
+    (Outcome::Unprocessed, "h2 unprocessed"),
 ];
+
+/// How the load's requests travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// HTTP/1.1, connections reused until `Connection: close`.
+    KeepAlive,
+    /// HTTP/1.1, a new connection per request.
+    NewConnection,
+    /// HTTP/2 cleartext, hyper-util's client.
+    H2c,
+    /// HTTP/2 cleartext, hyper-util's client behind `shellflip::client::RetryLayer`.
+    H2cRetry,
+}
+
+impl Mode {
+    /// The name in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::KeepAlive => "keep-alive",
+            Mode::NewConnection => "new per request",
+            Mode::H2c => "h2c, hyper client",
+            Mode::H2cRetry => "h2c, hyper client + RetryLayer",
+        }
+    }
+}
+
+/// Concurrent requests on each HTTP/2 connection.
+pub const H2_STREAMS: usize = 10;
 
 /// One request.
 #[derive(Debug, Clone, Copy)]
@@ -64,8 +98,8 @@ pub struct LoadSpec {
     pub addr: SocketAddr,
     /// Concurrent connections (closed loop: one request at a time on each).
     pub connections: usize,
-    /// Reuse connections (HTTP/1.1 keep-alive) or open one per request.
-    pub keepalive: bool,
+    /// How requests travel.
+    pub mode: Mode,
     /// Deadline of one request, connection included.
     pub timeout: Duration,
 }
@@ -80,9 +114,19 @@ impl Load {
     /// Starts `spec.connections` clients; times are measured from `origin`.
     pub fn start(spec: LoadSpec, origin: Instant) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..spec.connections)
-            .map(|_| tokio::spawn(client(spec, origin, stop.clone())))
-            .collect();
+        let tasks = match spec.mode {
+            Mode::KeepAlive | Mode::NewConnection => (0..spec.connections)
+                .map(|_| tokio::spawn(client(spec, origin, stop.clone())))
+                .collect(),
+            Mode::H2c | Mode::H2cRetry => (0..spec.connections)
+                .flat_map(|_| {
+                    let h2 = H2Client::new(spec.mode == Mode::H2cRetry);
+                    (0..H2_STREAMS)
+                        .map(|_| tokio::spawn(h2_client(h2.clone(), spec, origin, stop.clone())))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        };
         Load { stop, tasks }
     }
 
@@ -102,7 +146,8 @@ impl Load {
 }
 
 async fn client(spec: LoadSpec, origin: Instant, stop: Arc<AtomicBool>) -> Vec<Sample> {
-    let request: &[u8] = if spec.keepalive {
+    let keepalive = spec.mode == Mode::KeepAlive;
+    let request: &[u8] = if keepalive {
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     } else {
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
@@ -121,7 +166,7 @@ async fn client(spec: LoadSpec, origin: Instant, stop: Arc<AtomicBool>) -> Vec<S
         let outcome = match result {
             Err(_) => Outcome::TimedOut,
             Ok(Ok(close)) => {
-                if close || !spec.keepalive {
+                if close || !keepalive {
                     conn = None;
                 }
                 Outcome::Ok
@@ -136,6 +181,111 @@ async fn client(spec: LoadSpec, origin: Instant, stop: Arc<AtomicBool>) -> Vec<S
         if outcome != Outcome::Ok {
             conn = None;
             // Do not spin on a refused port.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    out
+}
+
+type Body = http_body_util::Full<bytes::Bytes>;
+type Plain =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+/// One HTTP/2 connection's client (hyper-util's pool keeps one connection per host), with the
+/// retry layer or without.
+#[derive(Clone)]
+struct H2Client {
+    plain: Plain,
+    retry: Option<shellflip::client::Retry<Plain>>,
+}
+
+impl H2Client {
+    fn new(retry: bool) -> H2Client {
+        let plain: Plain =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        let retry = retry
+            .then(|| tower::Layer::layer(&shellflip::client::RetryLayer::new(), plain.clone()));
+        H2Client { plain, retry }
+    }
+
+    /// `GET /` once: the outcome.
+    async fn get(&mut self, uri: &hyper::Uri) -> Outcome {
+        use http_body_util::BodyExt;
+        use tower::{Service, ServiceExt};
+        let req = hyper::Request::get(uri.clone()).body(Body::default());
+        let Ok(req) = req else {
+            return Outcome::Other;
+        };
+        let response = match &mut self.retry {
+            Some(retry) => match ServiceExt::<hyper::Request<Body>>::ready(retry).await {
+                Ok(svc) => svc.call(req).await,
+                Err(e) => Err(e),
+            },
+            None => self.plain.request(req).await.map_err(Into::into),
+        };
+        match response {
+            Ok(r) => {
+                let ok = r.status() == hyper::StatusCode::OK;
+                match r.into_body().collect().await {
+                    Ok(_) if ok => Outcome::Ok,
+                    Ok(_) => Outcome::BadStatus,
+                    Err(_) => Outcome::ShortBody,
+                }
+            }
+            Err(e) => error_outcome(&*e),
+        }
+    }
+}
+
+/// How many failures were described on standard error so far.
+static DESCRIBED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Classifies a client error, describing the first few on standard error.
+fn error_outcome(e: &(dyn std::error::Error + 'static)) -> Outcome {
+    let outcome = if shellflip::client::never_processed(e) {
+        Outcome::Unprocessed
+    } else {
+        let mut next = Some(e);
+        let mut found = Outcome::Other;
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                found = io_outcome(io);
+                break;
+            }
+            next = e.source();
+        }
+        found
+    };
+    if DESCRIBED.fetch_add(1, Ordering::Relaxed) < 5 {
+        eprintln!("  a request failed ({outcome:?}): {e:?}");
+    }
+    outcome
+}
+
+async fn h2_client(
+    mut h2: H2Client,
+    spec: LoadSpec,
+    origin: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<Sample> {
+    let uri: hyper::Uri = match format!("http://{}/", spec.addr).parse() {
+        Ok(u) => u,
+        Err(_) => return Vec::new(),
+    };
+    let mut out = Vec::with_capacity(1 << 16);
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(spec.timeout, h2.get(&uri))
+            .await
+            .unwrap_or(Outcome::TimedOut);
+        out.push(Sample {
+            start_us: (started - origin).as_micros() as u64,
+            latency_us: started.elapsed().as_micros().min(u32::MAX as u128) as u32,
+            outcome,
+        });
+        if outcome != Outcome::Ok {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }

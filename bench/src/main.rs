@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use shellflip_bench::load::{Flavor, LoadOptions};
-use shellflip_bench::{env, idle, latency, load, scaling, sdunit, state};
+use shellflip_bench::{env, h2load, idle, latency, load, scaling, sdunit, state};
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of shellflip (see BENCHMARKS.md)")]
@@ -55,6 +55,8 @@ impl LoadArgs {
             interval: Duration::from_millis(self.interval_ms),
             keepalive: !self.new_only,
             new_connections: !self.keepalive_only,
+            h2c: false,
+            h2c_retry: false,
             timeout: Duration::from_millis(self.timeout_ms),
         }
     }
@@ -66,6 +68,18 @@ enum Bench {
     Load(LoadArgs),
     /// The same load against ecdysis 1.1.1 and shellflip 2.1.3, in the same run.
     Peers(LoadArgs),
+    /// Frameworks: axum with its documented drain and with `shellflip::axum::serve`, hyper-util
+    /// `auto` over HTTP/1.1 and h2c (hyper's client with and without the retry layer), and h2load.
+    Frameworks {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Only these parts, comma-separated: axum, auto, h2load.
+        #[arg(long, value_delimiter = ',', default_value = "axum,auto,h2load")]
+        only: Vec<String>,
+        /// h2load's `-D`: seconds per h2load run.
+        #[arg(long, default_value_t = 1)]
+        h2load_secs: u64,
+    },
     /// The load against a service started elsewhere (the systemd half, in a container: see
     /// scripts/bench-systemd.sh), restarted by a command that exits 0 once the restart is done.
     External {
@@ -211,6 +225,74 @@ fn main() -> ExitCode {
                     tables(&series)
                 });
                 ("peers", format!("peers: {}", describe(&o)), r)
+            }
+            Bench::Frameworks { load: a, only, h2load_secs } => {
+                let mut o = a.options(200);
+                // One repeat of `--restarts` (200) restarts per row; `--repeats` does not apply.
+                o.repeats = 1;
+                let mut text = String::new();
+                let mut series = Vec::new();
+                let mut result = Ok(());
+                let groups = [
+                    ("axum", Flavor::AxumDocumented, "frameworks-axum-documented", false),
+                    ("axum", Flavor::Axum, "frameworks-axum", false),
+                    ("auto", Flavor::Auto, "frameworks-auto", true),
+                ];
+                for (part, flavor, picture, h2) in groups {
+                    if !only.iter().any(|p| p == part) {
+                        continue;
+                    }
+                    let mut o = o;
+                    if h2 {
+                        o.new_connections = false;
+                        o.h2c = true;
+                        o.h2c_retry = true;
+                    }
+                    let r = async {
+                        let dir = shellflip_bench::proc::TempDir::new("fw")?;
+                        let svc = load::Service::start(flavor, &bins, &dir, "fw", load::OURS_CONFIG)?;
+                        load::compare_services(vec![(flavor.name().to_owned(), svc)], o).await
+                    }
+                    .await;
+                    match r {
+                        Ok((s, pics)) => {
+                            let svg = load::picture(&pics, flavor.name());
+                            write_picture(&env::results_dir().join(format!("{picture}.svg")), svg);
+                            series.extend(s);
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                if !series.is_empty() {
+                    text.push_str(&tables(&series));
+                }
+                if result.is_ok() && only.iter().any(|p| p == "h2load") {
+                    let ho = h2load::H2loadOptions {
+                        restarts: o.restarts,
+                        interval: o.interval,
+                        clients: o.connections,
+                        streams: shellflip_bench::loadgen::H2_STREAMS,
+                        run_secs: h2load_secs,
+                    };
+                    match h2load::run(&bins, ho).await {
+                        Ok(t) => text.push_str(&format!("\n{t}")),
+                        Err(e) => result = Err(e),
+                    }
+                }
+                // A partial run does not overwrite the whole one's results.
+                let name: &'static str = if only.len() == 3 {
+                    "frameworks"
+                } else {
+                    Box::leak(format!("frameworks-{}", only.join("-")).into_boxed_str())
+                };
+                (
+                    name,
+                    format!("frameworks --only {}: {} (HTTP/2: {} streams per connection)", only.join(","), describe(&o), shellflip_bench::loadgen::H2_STREAMS),
+                    result.map(|()| text),
+                )
             }
             Bench::External {
                 load: a,

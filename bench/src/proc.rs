@@ -81,6 +81,17 @@ pub fn wait_exit(pid: i32, timeout: Duration) -> Option<String> {
     }
 }
 
+/// Forgets the recorded exit of an earlier process that had `pid`: call it when a new process
+/// is known to have that PID (a generation started by its predecessor), or [`alive`] and
+/// [`wait_exit`] would take the old exit for the new process's.
+pub fn forget(pid: i32) {
+    reaper()
+        .exited
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&pid);
+}
+
 /// True while `pid` exists and was not reaped yet.
 pub fn alive(pid: i32) -> bool {
     if pid <= 0 {
@@ -117,6 +128,10 @@ pub fn spawn(
         .create(true)
         .append(true)
         .open(log)?;
+    // The reaper may hold the status of an earlier process that had the same PID (a generation
+    // nobody waited for): forget it, holding the lock so that the new process's own exit cannot
+    // be recorded, and then forgotten, in between.
+    let mut exited = reaper().exited.lock().unwrap_or_else(|p| p.into_inner());
     let child = Command::new(program)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -124,7 +139,9 @@ pub fn spawn(
         .stdout(out.try_clone()?)
         .stderr(out)
         .spawn()?;
-    Ok(child.id() as i32)
+    let pid = child.id() as i32;
+    exited.remove(&pid);
+    Ok(pid)
 }
 
 /// The floor of a start: `program` started by `posix_spawn` with a readiness pipe at
