@@ -12,6 +12,7 @@ pub mod latency;
 pub mod load;
 pub mod loadgen;
 pub mod proc;
+pub mod rollback;
 pub mod scaling;
 pub mod sdunit;
 pub mod state;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use shellflip_bench::load::{Flavor, LoadOptions};
-use shellflip_bench::{env, h2load, idle, latency, load, scaling, sdunit, state};
+use shellflip_bench::{env, h2load, idle, latency, load, rollback, scaling, sdunit, state};
 
 #[derive(Parser)]
 #[command(about = "Benchmarks of shellflip (see BENCHMARKS.md)")]
@@ -168,6 +168,37 @@ enum Bench {
         /// Repeats per size (default 10, 7 and 5 for 1 MiB, 64 MiB and 1 GiB).
         #[arg(long)]
         repeats: Option<usize>,
+    },
+    /// Probation and rollback under load: restarts with a probation, every other one crashing
+    /// after it is ready (issue 14).
+    Rollback {
+        /// Restarts; the odd ones crash.
+        #[arg(long, default_value_t = 100)]
+        restarts: usize,
+        /// Connections of each load (keep-alive, and new per request), both at once.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// The service's --probation-ms.
+        #[arg(long, default_value_t = 1000)]
+        probation_ms: u64,
+        /// crash_after_ready_ms of the odd restarts.
+        #[arg(long, default_value_t = 300)]
+        crash_after_ms: u64,
+        /// Milliseconds between a restart's answer and the next request.
+        #[arg(long, default_value_t = 200)]
+        pause_ms: u64,
+        /// Probe threads.
+        #[arg(long, default_value_t = 2)]
+        probes: usize,
+        /// At most one probe connection per thread this often, microseconds.
+        #[arg(long, default_value_t = 250)]
+        probe_us: u64,
+        /// Deadline of one request, milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Diagnosis: sample the generations' threads every 4 ms (perturbs the figures).
+        #[arg(long)]
+        watch_threads: bool,
     },
     /// Idle cost: memory, threads, descriptors with and without shellflip.
     Idle {
@@ -406,6 +437,45 @@ fn main() -> ExitCode {
                     ],
                 };
                 ("state", "state".to_owned(), state::run(&bins, &o).await)
+            }
+            Bench::Rollback {
+                restarts,
+                connections,
+                probation_ms,
+                crash_after_ms,
+                pause_ms,
+                probes,
+                probe_us,
+                timeout_ms,
+                watch_threads,
+            } => {
+                let o = rollback::RollbackOptions {
+                    restarts,
+                    connections,
+                    probation: Duration::from_millis(probation_ms),
+                    crash_after: Duration::from_millis(crash_after_ms),
+                    pause: Duration::from_millis(pause_ms),
+                    probes,
+                    probe_every: Duration::from_micros(probe_us),
+                    timeout: Duration::from_millis(timeout_ms),
+                    watch_threads,
+                };
+                let command = format!(
+                    "rollback: {restarts} restarts with --probation-ms {probation_ms}, the odd ones with \
+                     crash_after_ready_ms = {crash_after_ms}, {pause_ms} ms apart; {connections} keep-alive \
+                     connections and {connections} new-connection clients at once, {probes} probe threads \
+                     (a new connection every ≥ {probe_us} µs each), request deadline {timeout_ms} ms{}",
+                    if watch_threads {
+                        "; threads sampled every 4 ms (--watch-threads)"
+                    } else {
+                        ""
+                    }
+                );
+                let r = rollback::run(&bins, &o).await.map(|report| {
+                    write_picture(&env::results_dir().join("rollback.svg"), report.svg);
+                    report.text
+                });
+                ("rollback", command, r)
             }
             Bench::Idle { repeats } => (
                 "idle",
