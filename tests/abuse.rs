@@ -26,30 +26,6 @@ use nix::sys::signal::Signal;
 use shellflip::RestartCoordinationSocket;
 use shellflip::control::ControlError;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// Sets the flag when dropped, so that a failing assertion also stops the load threads.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Joins a thread, with a deadline.
-fn join<T>(t: JoinHandle<T>, what: &str) -> T {
-    wait_until(&format!("{what} to finish"), DEADLINE, || {
-        t.is_finished().then_some(())
-    });
-    t.join().unwrap_or_else(|_| panic!("{what} panicked"))
-}
-
 /// A restart asked for with the library's client, within the deadline.
 async fn try_restart(socket: &Path) -> Result<u32, ControlError> {
     let ask = async {

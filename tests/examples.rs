@@ -10,58 +10,15 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
+use common::cleanup::Cleanup;
 use common::fake_systemd::FakeSystemd;
 use common::*;
 use nix::sys::signal::Signal;
-
-/// Kills every process whose command line names the directory, when dropped (after a failed
-/// assertion too); prints the log when the test failed.
-struct Cleanup {
-    dir: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl Cleanup {
-    fn new() -> Cleanup {
-        let dir = test_dir();
-        let log = dir.path().join("stderr.log");
-        Cleanup { dir, log }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Output for a process: stdout and stderr appended to the log.
-    fn output(&self) -> (Stdio, Stdio) {
-        let open = || {
-            File::options()
-                .create(true)
-                .append(true)
-                .open(&self.log)
-                .expect("log file")
-        };
-        (Stdio::from(open()), Stdio::from(open()))
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- log ----\n{}---- end of log ----",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-        kill_processes_naming(self.dir.path());
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // counter

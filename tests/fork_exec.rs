@@ -15,35 +15,10 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// Sets the flag when dropped, so that a failing assertion also stops the load threads.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Joins a thread, with a deadline.
-fn join<T>(t: JoinHandle<T>, what: &str) -> T {
-    wait_until(&format!("{what} to finish"), DEADLINE, || {
-        t.is_finished().then_some(())
-    });
-    t.join().unwrap_or_else(|_| panic!("{what} panicked"))
-}
 
 // ---------------------------------------------------------------------------------------------
 // 1. Triggers

@@ -13,13 +13,13 @@ mod common;
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::cleanup::Cleanup;
 use common::*;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
@@ -31,37 +31,6 @@ use tower::{Service, ServiceExt};
 const RESTARTS: u64 = 25;
 /// Deadline of one request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
-
-/// Kills every process whose command line names the directory, when dropped (after a failed
-/// assertion too); prints the log when the test failed.
-struct Cleanup {
-    dir: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl Cleanup {
-    fn new() -> Cleanup {
-        let dir = test_dir();
-        let log = dir.path().join("stderr.log");
-        Cleanup { dir, log }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- log ----\n{}---- end of log ----",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-        kill_processes_naming(self.dir.path());
-    }
-}
 
 /// `generation=N pid=P` → (N, P).
 fn parse_hello(text: &str) -> Option<(u64, u32)> {

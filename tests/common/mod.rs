@@ -907,3 +907,28 @@ pub fn protocol_vars_in(env_dump: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// A current-thread runtime for a test's async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Sets the flag when dropped, so that a failing assertion also stops the load threads.
+pub struct StopOnDrop(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Joins a thread, with a deadline.
+pub fn join<T>(t: std::thread::JoinHandle<T>, what: &str) -> T {
+    wait_until(&format!("{what} to finish"), DEADLINE, || {
+        t.is_finished().then_some(())
+    });
+    t.join().unwrap_or_else(|_| panic!("{what} panicked"))
+}
