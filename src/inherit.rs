@@ -15,13 +15,15 @@
 //! descriptor named there must be open; it is made close-on-exec as soon as it is read, so it
 //! never leaks into a program the service starts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+
+use crate::bag::{self, Label};
 
 /// The first descriptor number of an inherited list (after stdin, stdout and stderr).
 pub(crate) const FIRST_FD: RawFd = 3;
@@ -290,6 +292,10 @@ pub(crate) struct Inherited {
     pub(crate) mode: Mode,
     pub(crate) generation: u64,
     fds: BTreeMap<String, OwnedFd>,
+    /// What the bag said of each descriptor that came out of one (see [`bag`]), by name.
+    bagged: HashMap<String, Label>,
+    /// The names of the bags read (in systemd's store, empty now).
+    drained_bags: Vec<String>,
     /// The program to start for a restart: argv\[0\] made absolute when the process started.
     pub(crate) executable: Option<PathBuf>,
 }
@@ -309,6 +315,86 @@ impl Inherited {
     pub(crate) fn names(&self) -> Vec<String> {
         self.fds.keys().cloned().collect()
     }
+
+    /// What its bag said of `name`, when it came out of one.
+    pub(crate) fn bagged(&self, name: &str) -> Option<&Label> {
+        self.bagged.get(name)
+    }
+
+    /// Adds `fd` under `name`, or `name#2`, `name#3`... when the name is taken; the key used.
+    fn insert(&mut self, name: &str, fd: OwnedFd) -> String {
+        let mut key = name.to_owned();
+        let mut k = 1;
+        while self.fds.contains_key(&key) {
+            k += 1;
+            key = format!("{name}#{k}");
+        }
+        self.fds.insert(key.clone(), fd);
+        key
+    }
+
+    /// Replaces every bag in the set by what it holds (see [`bag`]). A bag that cannot be read
+    /// whole loses what could not be read, and says so; start-up goes on.
+    fn unpack_bags(&mut self) {
+        let bags: Vec<String> = self
+            .fds
+            .keys()
+            .filter(|k| k.starts_with(bag::NAME_PREFIX))
+            .cloned()
+            .collect();
+        if bags.is_empty() {
+            return;
+        }
+        raise_nofile_limit();
+        for key in bags {
+            let Some(rx) = self.fds.remove(&key) else {
+                continue;
+            };
+            let contents = bag::take_all(rx.as_fd());
+            for p in &contents.problems {
+                tracing::error!(bag = key, "{p}");
+            }
+            let n = contents.items.len();
+            for (label, fd) in contents.items {
+                if let Err(why) = check_name(&label.name) {
+                    tracing::error!(bag = key, name = label.name, "dropped: {why}");
+                    continue;
+                }
+                let key = self.insert(&label.name, fd);
+                self.bagged.insert(key, label);
+            }
+            tracing::debug!(bag = key, n, "read a bag of connections");
+            // systemd's name for it (without a `#k` added here).
+            let name = key.split('#').next().unwrap_or(&key).to_owned();
+            if !self.drained_bags.contains(&name) {
+                self.drained_bags.push(name);
+            }
+        }
+    }
+}
+
+/// Lifts the soft limit on open descriptors to the hard one: the connections in the bags are
+/// about to arrive, and those beyond the soft limit would be lost. Under systemd the hard limit
+/// is the unit's `LimitNOFILE=` (524288 by default since systemd 240).
+fn raise_nofile_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit, which we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            let soft = l.rlim_cur;
+            l.rlim_cur = l.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 {
+                tracing::debug!(
+                    from = soft,
+                    to = l.rlim_max,
+                    "raised the soft limit of open descriptors, for the stored connections"
+                );
+            }
+        }
+    }
 }
 
 /// Takes ownership of the descriptors `d` describes, at `FIRST_FD..`: each must be open; each is
@@ -326,7 +412,15 @@ fn open(d: Description, executable: Option<PathBuf>) -> Result<Inherited, Inheri
             });
         }
     }
-    let mut fds = BTreeMap::new();
+    let mut set = Inherited {
+        origin: d.origin,
+        mode: d.mode,
+        generation: d.generation,
+        fds: BTreeMap::new(),
+        bagged: HashMap::new(),
+        drained_bags: Vec::new(),
+        executable,
+    };
     for (i, name) in d.names.into_iter().enumerate() {
         let raw = FIRST_FD + i as RawFd;
         // SAFETY: the environment, addressed to this process (PID check in `parse`), hands us
@@ -335,21 +429,10 @@ fn open(d: Description, executable: Option<PathBuf>) -> Result<Inherited, Inheri
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         set_cloexec(&fd);
         // systemd gives every socket of one .socket unit the same name: keep them all apart.
-        let mut key = name.clone();
-        let mut k = 1;
-        while fds.contains_key(&key) {
-            k += 1;
-            key = format!("{name}#{k}");
-        }
-        fds.insert(key, fd);
+        set.insert(&name, fd);
     }
-    Ok(Inherited {
-        origin: d.origin,
-        mode: d.mode,
-        generation: d.generation,
-        fds,
-        executable,
-    })
+    set.unpack_bags();
+    Ok(set)
 }
 
 /// Parses the environment and takes the descriptors it describes.
@@ -454,6 +537,21 @@ pub(crate) fn take(name: &str) -> Result<Option<OwnedFd>, InheritError> {
     let mut set = inherited();
     let set = set.as_mut().map_err(|e| e.clone())?;
     Ok(set.take(name))
+}
+
+/// The names of the bags read at start-up: systemd still holds them, empty.
+pub(crate) fn drained_bags() -> Vec<String> {
+    inherited()
+        .as_ref()
+        .map(|i| i.drained_bags.clone())
+        .unwrap_or_default()
+}
+
+/// Whether the inherited descriptor `name` came out of a bag (systemd does not hold it by name).
+pub(crate) fn came_from_bag(name: &str) -> bool {
+    inherited()
+        .as_ref()
+        .is_ok_and(|i| i.bagged.contains_key(name))
 }
 
 /// The names still in the inherited set: what this generation did not take.

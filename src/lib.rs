@@ -111,6 +111,7 @@ compile_error!(
      file descriptor store"
 );
 
+mod bag;
 mod config;
 pub mod control;
 mod fork_exec;

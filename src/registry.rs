@@ -22,6 +22,7 @@ use nix::sys::socket::{
     AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
 };
 
+use crate::bag::FileId;
 use crate::inherit::{self, InheritError, RESERVED_PREFIX};
 
 /// What a registered descriptor is.
@@ -42,6 +43,35 @@ pub enum Kind {
     UnixStream,
     /// Any other descriptor (a memfd, a pipe, a file).
     Other,
+}
+
+impl Kind {
+    /// One byte for the kind, in what a bag says of its descriptors.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Kind::TcpListener => b'L',
+            Kind::UdpSocket => b'D',
+            Kind::UnixListener => b'l',
+            Kind::UnixDatagram => b'd',
+            Kind::TcpStream => b't',
+            Kind::UnixStream => b'u',
+            Kind::Other => b'o',
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Kind> {
+        [
+            Kind::TcpListener,
+            Kind::UdpSocket,
+            Kind::UnixListener,
+            Kind::UnixDatagram,
+            Kind::TcpStream,
+            Kind::UnixStream,
+            Kind::Other,
+        ]
+        .into_iter()
+        .find(|k| k.code() == code)
+    }
 }
 
 /// A descriptor that could not be registered or adopted.
@@ -102,9 +132,19 @@ pub enum RegistryError {
     },
 }
 
+/// One descriptor for a [`Keeper`] to keep.
+pub(crate) struct Keep<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) kind: Kind,
+    pub(crate) fd: BorrowedFd<'a>,
+    /// Its identity, when known already (it came out of a bag).
+    pub(crate) id: Option<FileId>,
+}
+
 /// Where descriptors are kept between generations, besides this process (systemd's store).
 pub(crate) trait Keeper: Send + Sync {
-    fn keep(&self, name: &str, fd: BorrowedFd<'_>);
+    /// Keeps each descriptor under its name.
+    fn keep(&self, items: &[Keep<'_>]);
     fn discard(&self, name: &str);
 }
 
@@ -113,8 +153,11 @@ struct Entry {
     fd: OwnedFd,
     /// For a Unix socket bound here: its path, removed when the service stops for good.
     path: Option<PathBuf>,
-    /// Whether it came from the environment (then systemd already holds it, if it gave it).
-    inherited: bool,
+    /// Whether it is kept outside this process already: by the keeper, or by systemd when it
+    /// came from its store by name. One that came out of a bag is not: the bag was read.
+    kept: bool,
+    /// Its identity, when it came out of a bag.
+    id: Option<FileId>,
 }
 
 #[derive(Default)]
@@ -123,6 +166,9 @@ struct Inner {
     keeper: Option<Arc<dyn Keeper>>,
     /// Names forgotten before a keeper was attached: it discards them when it is.
     forgotten: Vec<String>,
+    /// Whether descriptors adopted from bags are kept at once; until [`Registry::settle`], they
+    /// wait to be kept together.
+    settled: bool,
 }
 
 /// The registry of named descriptors. Cheap to clone: clones share one registry.
@@ -347,11 +393,15 @@ impl Registry {
     fn forget(&self, name: &str) -> bool {
         let (found, keeper) = {
             let mut inner = self.lock();
-            let found = inner.entries.remove(name).is_some();
-            if inner.keeper.is_none() {
+            let removed = inner.entries.remove(name);
+            // One that nobody keeps (it came out of a bag, and was not kept again) has nothing
+            // to discard.
+            let kept = removed.as_ref().is_none_or(|e| e.kept);
+            if kept && inner.keeper.is_none() {
                 inner.forgotten.push(name.to_owned());
             }
-            (found, inner.keeper.clone())
+            let keeper = if kept { inner.keeper.clone() } else { None };
+            (removed.is_some(), keeper)
         };
         if let Some(k) = keeper {
             k.discard(name);
@@ -366,7 +416,7 @@ impl Registry {
         if self.lock().entries.contains_key(name) {
             return Err(RegistryError::Duplicate(name.into()));
         }
-        let fd = {
+        let (fd, bagged) = {
             let mut set = inherit::inherited();
             let set = set
                 .as_mut()
@@ -374,13 +424,22 @@ impl Registry {
             let Some(borrowed) = set.peek(name) else {
                 return Ok(None);
             };
-            check_kind(borrowed, kind).map_err(|found| RegistryError::WrongKind {
+            let bagged = set.bagged(name).cloned();
+            // What a bag says of a descriptor was checked when it went in: no system call.
+            let checked = match &bagged {
+                Some(label) if kind != Kind::Other => match Kind::from_code(label.kind) {
+                    Some(found) if found == kind => Ok(()),
+                    found => Err(format!("it is a {found:?}")),
+                },
+                _ => check_kind(borrowed, kind),
+            };
+            checked.map_err(|found| RegistryError::WrongKind {
                 name: name.into(),
                 expected: kind,
                 found,
             })?;
             match set.take(name) {
-                Some(fd) => fd,
+                Some(fd) => (fd, bagged),
                 None => return Ok(None),
             }
         };
@@ -392,13 +451,26 @@ impl Registry {
         );
         let dup = fd.try_clone().map_err(|e| io_err("duplicate", name, e))?;
         let mut inner = self.lock();
+        let id = bagged.as_ref().map(|l| l.id);
+        // Its bag was read: it must be kept again (at once when settled, else with the others).
+        let mut kept = bagged.is_none();
+        if let (false, true, Some(k)) = (kept, inner.settled, &inner.keeper) {
+            k.keep(&[Keep {
+                name,
+                kind,
+                fd: fd.as_fd(),
+                id,
+            }]);
+            kept = true;
+        }
         inner.entries.insert(
             name.into(),
             Entry {
                 kind,
                 fd,
                 path: None,
-                inherited: true,
+                kept,
+                id,
             },
         );
         Ok(Some(dup))
@@ -429,16 +501,26 @@ impl Registry {
         if inner.entries.contains_key(name) {
             return Err(RegistryError::Duplicate(name.into()));
         }
-        if let Some(k) = &inner.keeper {
-            k.keep(name, fd.as_fd());
-        }
+        let kept = match &inner.keeper {
+            Some(k) => {
+                k.keep(&[Keep {
+                    name,
+                    kind,
+                    fd: fd.as_fd(),
+                    id: None,
+                }]);
+                true
+            }
+            None => false,
+        };
         inner.entries.insert(
             name.into(),
             Entry {
                 kind,
                 fd,
                 path,
-                inherited: false,
+                kept,
+                id: None,
             },
         );
         Ok(dup)
@@ -466,20 +548,50 @@ impl Registry {
         f(&list)
     }
 
-    /// From now on, every descriptor registered is also kept by `keeper`; those created in this
-    /// process so far (not inherited, hence not kept yet) are handed to it now, and those
-    /// forgotten so far are discarded from it.
+    /// From now on, every descriptor registered is also kept by `keeper`; those not kept yet
+    /// (created in this process, or adopted from a bag) are handed to it now, together, and
+    /// those forgotten so far are discarded from it. Descriptors adopted from bags later wait
+    /// for [`settle`](Self::settle).
     pub(crate) fn attach_keeper(&self, keeper: Arc<dyn Keeper>) {
         let mut inner = self.lock();
         for name in std::mem::take(&mut inner.forgotten) {
             keeper.discard(&name);
         }
-        for (name, e) in &inner.entries {
-            if !e.inherited {
-                keeper.keep(name, e.fd.as_fd());
-            }
-        }
         inner.keeper = Some(keeper);
+        keep_unkept(&mut inner);
+    }
+
+    /// Start-up is over (this generation is ready): descriptors adopted from bags since the
+    /// keeper was attached are kept now, together, and any adopted later at once.
+    pub(crate) fn settle(&self) {
+        let mut inner = self.lock();
+        keep_unkept(&mut inner);
+        inner.settled = true;
+    }
+}
+
+/// Hands every entry not kept yet to the keeper, in one call.
+fn keep_unkept(inner: &mut Inner) {
+    let Some(keeper) = inner.keeper.clone() else {
+        return;
+    };
+    let items: Vec<Keep<'_>> = inner
+        .entries
+        .iter()
+        .filter(|(_, e)| !e.kept)
+        .map(|(name, e)| Keep {
+            name,
+            kind: e.kind,
+            fd: e.fd.as_fd(),
+            id: e.id,
+        })
+        .collect();
+    if items.is_empty() {
+        return;
+    }
+    keeper.keep(&items);
+    for e in inner.entries.values_mut() {
+        e.kept = true;
     }
 }
 
