@@ -123,16 +123,37 @@ impl Store {
     }
 }
 
-impl Keeper for Store {
-    fn keep(&self, items: &[Keep<'_>]) {
+impl Store {
+    /// Takes over bags made at start-up (holding what the previous generation's bags held):
+    /// stores each, and keeps its connections as if they had been put in here.
+    pub(crate) fn take_over(&self, made: Vec<(Bag, Vec<Label>)>) {
         let mut bags = self.lock();
+        for (bag, labels) in made {
+            let Some(held) = bags.store_bag(bag) else {
+                continue;
+            };
+            let serial = bags.held[held].serial;
+            bags.held[held].count = labels.len();
+            for label in labels {
+                bags.ids.insert(label.id, label.name.clone());
+                bags.member.insert(label.name, (serial, label.id));
+            }
+        }
+    }
+}
+
+impl Keeper for Store {
+    fn keep(&self, items: &[Keep<'_>]) -> Vec<bool> {
+        let mut bags = self.lock();
+        let mut held = vec![false; items.len()];
         let mut batch: Vec<(Label, BorrowedFd<'_>)> = Vec::new();
-        for item in items {
+        let mut in_batch = Vec::new();
+        for (i, item) in items.iter().enumerate() {
             if !goes_in_a_bag(item.kind) {
                 store_one(item.name, item.fd, true);
                 continue;
             }
-            let id = match item.id.map_or_else(|| FileId::of(item.fd), Ok) {
+            let id = match FileId::of(item.fd) {
                 Ok(id) => id,
                 Err(e) => {
                     tracing::warn!(name = item.name, "cannot identify a connection: {e}");
@@ -146,6 +167,7 @@ impl Keeper for Store {
                     already = already.as_str(),
                     "already kept in systemd's file descriptor store"
                 );
+                held[i] = true;
                 continue;
             }
             if bags.member.contains_key(item.name) {
@@ -160,8 +182,13 @@ impl Keeper for Store {
                 },
                 item.fd,
             ));
+            in_batch.push(i);
         }
-        bags.add(&batch);
+        let added = bags.add(&batch);
+        for (i, added) in in_batch.into_iter().zip(added) {
+            held[i] = added;
+        }
+        held
     }
 
     fn discard(&self, name: &str) {
@@ -176,8 +203,10 @@ impl Keeper for Store {
 }
 
 impl Bags {
-    /// Puts `items` (not kept yet; their identities already in `ids`) into bags.
-    fn add(&mut self, items: &[(Label, BorrowedFd<'_>)]) {
+    /// Puts `items` (not kept yet; their identities already in `ids`) into bags. For each,
+    /// whether it went into a bag (else it was stored on its own).
+    fn add(&mut self, items: &[(Label, BorrowedFd<'_>)]) -> Vec<bool> {
+        let mut added = Vec::with_capacity(items.len());
         let mut rest = items;
         while !rest.is_empty() {
             let Some(i) = self.open_bag() else {
@@ -185,8 +214,9 @@ impl Bags {
                 for (label, fd) in rest {
                     self.ids.remove(&label.id);
                     store_one(&label.name, *fd, true);
+                    added.push(false);
                 }
-                return;
+                return added;
             };
             let held = &mut self.held[i];
             let n = rest.len().min(BAG_CAPACITY - held.count);
@@ -202,6 +232,7 @@ impl Bags {
                         self.member.insert(label.name.clone(), (serial, label.id));
                     }
                     tracing::debug!(bag = held.name, n, "connections put in a bag");
+                    added.extend(std::iter::repeat_n(true, n));
                     rest = &rest[n..];
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && held.count > 0 => {
@@ -216,11 +247,13 @@ impl Bags {
                     for (label, fd) in &rest[..n] {
                         self.ids.remove(&label.id);
                         store_one(&label.name, *fd, true);
+                        added.push(false);
                     }
                     rest = &rest[n..];
                 }
             }
         }
+        added
     }
 
     /// A bag with room, made (and stored) if there is none.
@@ -232,13 +265,17 @@ impl Bags {
         {
             return Some(i);
         }
-        let bag = match Bag::new() {
-            Ok(b) => b,
+        match Bag::new() {
+            Ok(b) => self.store_bag(b),
             Err(e) => {
                 tracing::error!("cannot make a bag for connections: {e}");
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// Names `bag`, puts it in systemd's store and holds it; its index.
+    fn store_bag(&mut self, bag: Bag) -> Option<usize> {
         let serial = self.next_serial;
         self.next_serial += 1;
         let name = format!("{}{}.{serial}", bag::NAME_PREFIX, std::process::id());
@@ -321,12 +358,15 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn keep(store: &Store, name: &str, s: &UnixStream) {
-        store.keep(&[Keep {
-            name,
-            kind: Kind::UnixStream,
-            fd: s.as_fd(),
-            id: None,
-        }]);
+        assert_eq!(
+            store.keep(&[Keep {
+                name,
+                kind: Kind::UnixStream,
+                fd: s.as_fd(),
+            }]),
+            [true],
+            "held by a bag"
+        );
     }
 
     /// Without NOTIFY_SOCKET nothing reaches systemd, but the bags are made and filled.
@@ -343,7 +383,6 @@ mod tests {
                 name,
                 kind: Kind::UnixStream,
                 fd: a.as_fd(),
-                id: None,
             })
             .collect();
         store.keep(&keeps);

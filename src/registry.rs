@@ -22,7 +22,6 @@ use nix::sys::socket::{
     AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
 };
 
-use crate::bag::FileId;
 use crate::inherit::{self, InheritError, RESERVED_PREFIX};
 
 /// What a registered descriptor is.
@@ -137,27 +136,26 @@ pub(crate) struct Keep<'a> {
     pub(crate) name: &'a str,
     pub(crate) kind: Kind,
     pub(crate) fd: BorrowedFd<'a>,
-    /// Its identity, when known already (it came out of a bag).
-    pub(crate) id: Option<FileId>,
 }
 
 /// Where descriptors are kept between generations, besides this process (systemd's store).
 pub(crate) trait Keeper: Send + Sync {
-    /// Keeps each descriptor under its name.
-    fn keep(&self, items: &[Keep<'_>]);
+    /// Keeps each descriptor under its name. For each, whether the keeper holds a copy of its
+    /// own that needs nothing from this process (a connection in a bag): the registry then
+    /// closes its own.
+    fn keep(&self, items: &[Keep<'_>]) -> Vec<bool>;
     fn discard(&self, name: &str);
 }
 
 struct Entry {
     kind: Kind,
-    fd: OwnedFd,
+    /// `None` when a bag holds it and this process need not (see [`Keeper::keep`]).
+    fd: Option<OwnedFd>,
     /// For a Unix socket bound here: its path, removed when the service stops for good.
     path: Option<PathBuf>,
-    /// Whether it is kept outside this process already: by the keeper, or by systemd when it
-    /// came from its store by name. One that came out of a bag is not: the bag was read.
+    /// Whether it is kept outside this process already: by the keeper, by systemd when it came
+    /// from its store by name, or by a bag when it came out of one.
     kept: bool,
-    /// Its identity, when it came out of a bag.
-    id: Option<FileId>,
 }
 
 #[derive(Default)]
@@ -166,9 +164,6 @@ struct Inner {
     keeper: Option<Arc<dyn Keeper>>,
     /// Names forgotten before a keeper was attached: it discards them when it is.
     forgotten: Vec<String>,
-    /// Whether descriptors adopted from bags are kept at once; until [`Registry::settle`], they
-    /// wait to be kept together.
-    settled: bool,
 }
 
 /// The registry of named descriptors. Cheap to clone: clones share one registry.
@@ -317,7 +312,8 @@ impl Registry {
     pub fn insert(&self, name: &str, fd: impl Into<OwnedFd>) -> Result<(), RegistryError> {
         let fd = fd.into();
         let kind = classify(fd.as_fd());
-        self.register(name, kind, fd, None).map(drop)
+        check_user_name(name)?;
+        self.register_any(name, kind, fd, None, false).map(drop)
     }
 
     /// Takes back an inherited TCP connection called `name`, non-blocking. `Ok(None)` when there
@@ -394,8 +390,7 @@ impl Registry {
         let (found, keeper) = {
             let mut inner = self.lock();
             let removed = inner.entries.remove(name);
-            // One that nobody keeps (it came out of a bag, and was not kept again) has nothing
-            // to discard.
+            // One that nobody keeps has nothing to discard.
             let kept = removed.as_ref().is_none_or(|e| e.kept);
             if kept && inner.keeper.is_none() {
                 inner.forgotten.push(name.to_owned());
@@ -410,13 +405,13 @@ impl Registry {
     }
 
     /// Adopts the inherited descriptor `name` if there is one of the right kind: registers it
-    /// and returns a close-on-exec duplicate.
+    /// and returns a close-on-exec duplicate (or the descriptor itself, when a bag holds it).
     fn adopt(&self, name: &str, kind: Kind) -> Result<Option<OwnedFd>, RegistryError> {
         check_user_name(name)?;
         if self.lock().entries.contains_key(name) {
             return Err(RegistryError::Duplicate(name.into()));
         }
-        let (fd, bagged) = {
+        let (fd, bagged, loose) = {
             let mut set = inherit::inherited();
             let set = set
                 .as_mut()
@@ -425,6 +420,7 @@ impl Registry {
                 return Ok(None);
             };
             let bagged = set.bagged(name).cloned();
+            let loose = set.loose(name);
             // What a bag says of a descriptor was checked when it went in: no system call.
             let checked = match &bagged {
                 Some(label) if kind != Kind::Other => match Kind::from_code(label.kind) {
@@ -439,7 +435,7 @@ impl Registry {
                 found,
             })?;
             match set.take(name) {
-                Some(fd) => (fd, bagged),
+                Some(fd) => (fd, bagged, loose),
                 None => return Ok(None),
             }
         };
@@ -449,28 +445,31 @@ impl Registry {
             fd = fd.as_raw_fd(),
             "adopted inherited descriptor"
         );
-        let dup = fd.try_clone().map_err(|e| io_err("duplicate", name, e))?;
-        let mut inner = self.lock();
-        let id = bagged.as_ref().map(|l| l.id);
-        // Its bag was read: it must be kept again (at once when settled, else with the others).
-        let mut kept = bagged.is_none();
-        if let (false, true, Some(k)) = (kept, inner.settled, &inner.keeper) {
-            k.keep(&[Keep {
-                name,
-                kind,
-                fd: fd.as_fd(),
-                id,
-            }]);
-            kept = true;
+        // One that came out of a bag is in a new bag already: this process needs no copy.
+        if bagged.is_some() {
+            self.lock().entries.insert(
+                name.into(),
+                Entry {
+                    kind,
+                    fd: None,
+                    path: None,
+                    kept: true,
+                },
+            );
+            return Ok(Some(fd));
         }
-        inner.entries.insert(
+        // One that came out of a bag but is in none is kept as if it were created here.
+        if loose {
+            return self.register_any(name, kind, fd, None, true);
+        }
+        let dup = fd.try_clone().map_err(|e| io_err("duplicate", name, e))?;
+        self.lock().entries.insert(
             name.into(),
             Entry {
                 kind,
-                fd,
+                fd: Some(fd),
                 path: None,
-                kept,
-                id,
+                kept: true,
             },
         );
         Ok(Some(dup))
@@ -485,42 +484,46 @@ impl Registry {
         path: Option<PathBuf>,
     ) -> Result<OwnedFd, RegistryError> {
         check_user_name(name)?;
-        self.register_any(name, kind, fd, path)
+        self.register_any(name, kind, fd, path, true)
+            .map(|dup| dup.expect("a duplicate was asked for"))
     }
 
+    /// Registers `fd`; returns a close-on-exec duplicate when `dup` asks for one.
     fn register_any(
         &self,
         name: &str,
         kind: Kind,
         fd: OwnedFd,
         path: Option<PathBuf>,
-    ) -> Result<OwnedFd, RegistryError> {
+        dup: bool,
+    ) -> Result<Option<OwnedFd>, RegistryError> {
         inherit::set_cloexec(&fd);
-        let dup = fd.try_clone().map_err(|e| io_err("duplicate", name, e))?;
+        let dup = match dup {
+            true => Some(fd.try_clone().map_err(|e| io_err("duplicate", name, e))?),
+            false => None,
+        };
         let mut inner = self.lock();
         if inner.entries.contains_key(name) {
             return Err(RegistryError::Duplicate(name.into()));
         }
-        let kept = match &inner.keeper {
+        let (kept, held) = match &inner.keeper {
             Some(k) => {
-                k.keep(&[Keep {
+                let held = k.keep(&[Keep {
                     name,
                     kind,
                     fd: fd.as_fd(),
-                    id: None,
                 }]);
-                true
+                (true, held.first().copied().unwrap_or(false))
             }
-            None => false,
+            None => (false, false),
         };
         inner.entries.insert(
             name.into(),
             Entry {
                 kind,
-                fd,
+                fd: (!held).then_some(fd),
                 path,
                 kept,
-                id: None,
             },
         );
         Ok(dup)
@@ -534,64 +537,60 @@ impl Registry {
         path: Option<PathBuf>,
     ) -> Result<(), RegistryError> {
         let kind = classify(fd.as_fd());
-        self.register_any(name, kind, fd, path).map(drop)
+        self.register_any(name, kind, fd, path, false).map(drop)
     }
 
-    /// Calls `f` with every registered descriptor, in name order (what crosses at a handover).
+    /// Calls `f` with every registered descriptor this process holds, in name order (what
+    /// crosses at a fork/exec handover; those only a bag holds are in the store already).
     pub(crate) fn with_fds<R>(&self, f: impl FnOnce(&[(&str, BorrowedFd<'_>)]) -> R) -> R {
         let inner = self.lock();
         let list: Vec<(&str, BorrowedFd<'_>)> = inner
             .entries
             .iter()
-            .map(|(n, e)| (n.as_str(), e.fd.as_fd()))
+            .filter_map(|(n, e)| Some((n.as_str(), e.fd.as_ref()?.as_fd())))
             .collect();
         f(&list)
     }
 
     /// From now on, every descriptor registered is also kept by `keeper`; those not kept yet
-    /// (created in this process, or adopted from a bag) are handed to it now, together, and
-    /// those forgotten so far are discarded from it. Descriptors adopted from bags later wait
-    /// for [`settle`](Self::settle).
+    /// (created in this process) are handed to it now, together, and those forgotten so far are
+    /// discarded from it.
     pub(crate) fn attach_keeper(&self, keeper: Arc<dyn Keeper>) {
         let mut inner = self.lock();
         for name in std::mem::take(&mut inner.forgotten) {
             keeper.discard(&name);
         }
+        let items: Vec<Keep<'_>> = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.kept)
+            .filter_map(|(name, e)| {
+                Some(Keep {
+                    name,
+                    kind: e.kind,
+                    fd: e.fd.as_ref()?.as_fd(),
+                })
+            })
+            .collect();
+        let names: Vec<String> = items.iter().map(|k| k.name.to_owned()).collect();
+        let held = if items.is_empty() {
+            Vec::new()
+        } else {
+            keeper.keep(&items)
+        };
+        drop(items);
+        for (name, held) in names
+            .iter()
+            .zip(held.into_iter().chain(std::iter::repeat(false)))
+        {
+            if let Some(e) = inner.entries.get_mut(name) {
+                e.kept = true;
+                if held {
+                    e.fd = None;
+                }
+            }
+        }
         inner.keeper = Some(keeper);
-        keep_unkept(&mut inner);
-    }
-
-    /// Start-up is over (this generation is ready): descriptors adopted from bags since the
-    /// keeper was attached are kept now, together, and any adopted later at once.
-    pub(crate) fn settle(&self) {
-        let mut inner = self.lock();
-        keep_unkept(&mut inner);
-        inner.settled = true;
-    }
-}
-
-/// Hands every entry not kept yet to the keeper, in one call.
-fn keep_unkept(inner: &mut Inner) {
-    let Some(keeper) = inner.keeper.clone() else {
-        return;
-    };
-    let items: Vec<Keep<'_>> = inner
-        .entries
-        .iter()
-        .filter(|(_, e)| !e.kept)
-        .map(|(name, e)| Keep {
-            name,
-            kind: e.kind,
-            fd: e.fd.as_fd(),
-            id: e.id,
-        })
-        .collect();
-    if items.is_empty() {
-        return;
-    }
-    keeper.keep(&items);
-    for e in inner.entries.values_mut() {
-        e.kept = true;
     }
 }
 

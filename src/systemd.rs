@@ -58,7 +58,6 @@ pub(crate) struct Systemd<L> {
     memfd: std::fs::File,
     /// The registry's keeper: what the registry holds goes into systemd's store.
     store: Arc<Store>,
-    registry: Registry,
 }
 
 impl<L: Launcher> Systemd<L> {
@@ -74,20 +73,21 @@ impl<L: Launcher> Systemd<L> {
         })?;
         // The bags of connections were read at start-up: drop them from the store, before this
         // generation stores bags of its own.
+        inherit::report_bags();
         for name in inherit::drained_bags() {
             remove(&name);
         }
+        let store = Arc::new(Store::new());
+        store.take_over(inherit::take_new_bags());
         // The previous state memfd (if any) was read already; replace it by an empty one, so
         // that a crash of this generation never hands the old state to the next one.
         remove(STATE_FD);
         store_one(STATE_FD, memfd.as_fd(), true);
-        let store = Arc::new(Store::new());
         registry.attach_keeper(store.clone());
         Ok(Systemd {
             launcher,
             memfd,
             store,
-            registry: registry.clone(),
         })
     }
 
@@ -99,7 +99,6 @@ impl<L: Launcher> Systemd<L> {
             launcher,
             memfd,
             store: Arc::new(Store::new()),
-            registry: Registry::new(),
         }
     }
 }
@@ -108,10 +107,8 @@ impl<L: Launcher> Transport for Systemd<L> {
     const KIND: LifecycleKind = LifecycleKind::Systemd;
     const RESTARTS_ON_SIGTERM: bool = true;
 
-    /// Keeps the connections adopted from bags (in new bags), and answers the initiator of the
-    /// restart that started this process.
+    /// Answers the initiator of the restart that started this process.
     async fn after_ready(&mut self) {
-        self.registry.settle();
         if let Ok(Some(fd)) = inherit::take(INITIATOR_FD) {
             remove(INITIATOR_FD);
             answer_stored_initiator(fd).await;
@@ -119,9 +116,9 @@ impl<L: Launcher> Transport for Systemd<L> {
     }
 
     /// Drops a store entry this generation did not take (the state entry in the store is
-    /// already this generation's new memfd; one that came out of a bag is in none any more).
+    /// already this generation's new memfd).
     fn release(&mut self, name: &str) {
-        if name != STATE_FD && !inherit::came_from_bag(name) {
+        if name != STATE_FD {
             self.store.discard(name);
         }
     }
