@@ -419,11 +419,11 @@ impl Registry {
             let Some(borrowed) = set.peek(name) else {
                 return Ok(None);
             };
-            let bagged = set.bagged(name).cloned();
+            let bagged = set.bagged(name).map(|label| label.kind);
             let loose = set.loose(name);
             // What a bag says of a descriptor was checked when it went in: no system call.
-            let checked = match &bagged {
-                Some(label) if kind != Kind::Other => match Kind::from_code(label.kind) {
+            let checked = match bagged {
+                Some(code) if kind != Kind::Other => match Kind::from_code(code) {
                     Some(found) if found == kind => Ok(()),
                     found => Err(format!("it is a {found:?}")),
                 },

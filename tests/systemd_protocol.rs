@@ -344,6 +344,14 @@ fn many_stored_connections_travel_in_bags_with_their_names() {
         std::fs::read_to_string(&gen1.log).unwrap_or_default()
     );
     assert_eq!(systemd.bags(), 2, "{:?}", systemd.store);
+    // One descriptor per connection: the one the application serves (the bags hold the others).
+    let open = std::fs::read_dir(format!("/proc/{}/fd", gen1.child.id()))
+        .unwrap()
+        .count();
+    assert!(
+        open < alive + 60,
+        "{open} descriptors open for {alive} connections"
+    );
     let log = std::fs::read_to_string(&gen1.log).unwrap_or_default();
     assert!(!log.contains("ERROR"), "{log}");
 
