@@ -8,7 +8,12 @@
 # a service inside listening on 127.0.0.1 is reachable from outside.
 #
 #   container_ensure_nspawn            install systemd-nspawn (package systemd-container) if missing
-#   container_boot NAME DIR            boot; DIR (absolute) is bound to /opt/t inside
+#   container_boot NAME DIR [TIMEOUT] [ROOT]
+#                                      boot; DIR (absolute) is bound to /opt/t inside. Without
+#                                      ROOT: the machine's own systemd (`-D / --volatile=yes`).
+#                                      With ROOT: the systemd of that root directory
+#                                      (scripts/systemd-root.sh), `--volatile=overlay`, so that
+#                                      ROOT is never changed
 #   container_exec CMD...              run CMD inside (its exit status is returned)
 #   container_shutdown                 power off and wait; safe to call twice, or when not booted
 #
@@ -29,13 +34,17 @@ container_ensure_nspawn() {
     fi
 }
 
-# container_boot NAME DIR [TIMEOUT_SECONDS]: boots systemd in a container named NAME, with DIR
-# bound to /opt/t, and waits until `systemctl is-system-running` says running or degraded.
+# container_boot NAME DIR [TIMEOUT_SECONDS] [ROOT]: boots systemd in a container named NAME, with
+# DIR bound to /opt/t, and waits until `systemctl is-system-running` says running or degraded.
 # Returns non-zero (after shutting down whatever started) when that does not happen in time.
 container_boot() {
-    local name=$1 dir=$2 timeout=${3:-60}
+    local name=$1 dir=$2 timeout=${3:-60} root=${4:-}
+    local -a tree=(-D / --volatile=yes)
+    if [[ -n $root ]]; then
+        tree=(-D "$root" --volatile=overlay)
+    fi
     CONTAINER_LOG=$(mktemp "${TMPDIR:-/tmp}/nspawn-$name.XXXXXX.log")
-    systemd-nspawn --register=no --keep-unit -D / --volatile=yes \
+    systemd-nspawn --register=no --keep-unit "${tree[@]}" \
         --bind="$dir:/opt/t" --boot -M "$name" systemd.firstboot=off \
         </dev/null >"$CONTAINER_LOG" 2>&1 &
     CONTAINER_NSPAWN_PID=$!

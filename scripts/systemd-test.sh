@@ -18,7 +18,7 @@
 #   f  `systemctl stop` then `start`: a fresh start, without complaint
 #   g  the fork/exec lifecycle under systemd: `systemctl reload` moves the main PID to the
 #      new process, and fails (changing nothing) when the new process refuses the state
-#   h  300 echo clients kept in the store (in 2 bags, not 300 entries) across restarts: clients
+#   j  300 echo clients kept in the store (in 2 bags, not 300 entries) across restarts: clients
 #      that reset or close while they wait in the store are dropped, every other one echoes
 #
 # Needs root (systemd-nspawn), curl and /usr/bin/python3. Prints PASS/FAIL lines and exits
@@ -242,7 +242,7 @@ expect "a: the store does not grow from restart to restart ($stored_first after 
 if [[ -n $echo_fd ]]; then exec {echo_fd}>&-; fi
 echo_fd=""
 
-# --- h: many echo clients kept in the store, in bags ---------------------------------------------
+# --- j: many echo clients kept in the store, in bags ---------------------------------------------
 # For these restarts the new process starts 1 s after the old one exited (a drop-in's
 # ExecStartPre=), so that clients can leave while their connections wait in the store.
 c tee /run/systemd/system/restarter.service.d/pause.conf >/dev/null <<EOF
@@ -262,7 +262,7 @@ clients_say() {
 }
 connected=""
 read -r -t 120 connected <&"${ECHO_CLIENTS[0]}" || true
-expect "h: $clients echo clients connected ($connected)" test "$connected" = "connected $clients"
+expect "j: $clients echo clients connected ($connected)" test "$connected" = "connected $clients"
 # bags_read: what the newest generation said it read from the store's bags.
 bags_read() {
     c journalctl -u restarter -b --no-pager -o cat | grep -o '[0-9]* stored connections read from [0-9]* bags' | tail -n 1
@@ -274,14 +274,14 @@ wait_state restarter active || true
 first=$(bags_read)
 echoed=$(clients_say "check h1")
 stored=$(store_size restarter)
-expect "h: restart while $left: $first; the store holds $stored entries" \
+expect "j: restart while $left: $first; the store holds $stored entries" \
     test "$first" = "$clients stored connections read from 2 bags" -a "${stored:-99}" -le 8
-expect "h: after it, every client still there echoes ($echoed)" \
+expect "j: after it, every client still there echoes ($echoed)" \
     test "$echoed" = "echoed $((clients - 10)) of $((clients - 10))"
 c systemctl restart restarter
 second=$(bags_read)
 echoed=$(clients_say "check h2")
-expect "h: the next restart hands on only those ($second), and each echoes ($echoed)" \
+expect "j: the next restart hands on only those ($second), and each echoes ($echoed)" \
     test "$second" = "$((clients - 10)) stored connections read from 2 bags" \
     -a "$echoed" = "echoed $((clients - 10)) of $((clients - 10))"
 kill -TERM "$clients_pid" 2>/dev/null || true

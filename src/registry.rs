@@ -8,7 +8,8 @@
 //! close-on-exec**, ready for `tokio`'s `from_std`.
 //!
 //! An inherited descriptor is validated before it is adopted (`SO_TYPE`, address family,
-//! `SO_ACCEPTCONN`) and taken out of the inherited set only when that succeeded.
+//! `SO_ACCEPTCONN`; for a connection that came in a bag, by what the bag says of it, without a
+//! system call) and taken out of the inherited set only when that succeeded.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -306,9 +307,12 @@ impl Registry {
 
     /// Registers any descriptor under `name` (an accepted connection, a memfd), so that the
     /// next generation can take it back with [`take_tcp_stream`](Self::take_tcp_stream) or
-    /// [`take_fd`](Self::take_fd). In the systemd lifecycle it goes into the store at once.
+    /// [`take_fd`](Self::take_fd). In the systemd lifecycle it goes into the store at once (a
+    /// connection into a bag of up to 253: see the README); a socket already in the store,
+    /// under any name, is not stored twice.
     ///
-    /// The registry keeps `fd` itself; keep using a duplicate if you still need it.
+    /// The registry takes `fd` (and closes it once a bag holds the connection); keep using a
+    /// duplicate if you still need it.
     pub fn insert(&self, name: &str, fd: impl Into<OwnedFd>) -> Result<(), RegistryError> {
         let fd = fd.into();
         let kind = classify(fd.as_fd());
