@@ -27,7 +27,8 @@ use crate::bag::{self, Bag, Item, Label};
 
 /// The first descriptor number of an inherited list (after stdin, stdout and stderr).
 pub(crate) const FIRST_FD: RawFd = 3;
-/// Most descriptors accepted in one inherited list (systemd's own store limit is 4096 by default).
+/// Most descriptors accepted in one inherited list (systemd's own store limit is 4096 by default;
+/// connections that come in bags are not counted here).
 const MAX_FDS: usize = 65_536;
 
 pub(crate) const ENV_PPID: &str = "SHELLFLIP_PPID";
@@ -639,6 +640,13 @@ pub(crate) fn take_new_bags() -> Vec<(Bag, Vec<Label>)> {
         .as_mut()
         .map(|i| std::mem::take(&mut i.new_bags))
         .unwrap_or_default()
+}
+
+/// Whether the inherited descriptor `name` came out of a bag (systemd does not hold it by name).
+pub(crate) fn came_from_bag(name: &str) -> bool {
+    inherited()
+        .as_ref()
+        .is_ok_and(|i| i.bagged.contains_key(name) || i.loose.contains(name))
 }
 
 /// The names still in the inherited set: what this generation did not take.

@@ -66,7 +66,9 @@ fn goes_in_a_bag(kind: Kind) -> bool {
 /// (see [`bag`]), at most [`BAG_CAPACITY`] per bag, so that systemd holds one descriptor per bag
 /// instead of one per connection. Storing a socket that is already kept, under any name, adds
 /// nothing (as in systemd's store). Discarding a connection reads its bag, closes the
-/// connection, and puts the others back.
+/// connection, and puts the others back; during start-up (from [`Store::take_over`] to
+/// [`Store::settle`]) that waits, so that each bag is read once for all the connections found
+/// closed or not taken.
 #[derive(Default)]
 pub(crate) struct Store {
     bags: Mutex<Bags>,
@@ -86,6 +88,10 @@ impl std::fmt::Debug for Store {
 struct Bags {
     /// The bags this process made, each in systemd's store.
     held: Vec<Held>,
+    /// Start-up: discarded connections leave their bags at [`Store::settle`].
+    deferring: bool,
+    /// Bags (by serial number) holding connections discarded while deferring.
+    dirty: std::collections::BTreeSet<u64>,
     /// Where each kept connection is: its bag's serial number, and its identity.
     member: HashMap<String, (u64, FileId)>,
     /// The kept connections by identity.
@@ -125,9 +131,11 @@ impl Store {
 
 impl Store {
     /// Takes over bags made at start-up (holding what the previous generation's bags held):
-    /// stores each, and keeps its connections as if they had been put in here.
+    /// stores each, and keeps its connections as if they had been put in here. Until
+    /// [`settle`](Self::settle), a discarded connection stays in its bag.
     pub(crate) fn take_over(&self, made: Vec<(Bag, Vec<Label>)>) {
         let mut bags = self.lock();
+        bags.deferring = true;
         for (bag, labels) in made {
             let Some(held) = bags.store_bag(bag) else {
                 continue;
@@ -138,6 +146,22 @@ impl Store {
                 bags.ids.insert(label.id, label.name.clone());
                 bags.member.insert(label.name, (serial, label.id));
             }
+        }
+    }
+}
+
+impl Store {
+    /// Start-up is over: `unclaimed` connections (taken out of bags but not by the application)
+    /// are discarded too, and every bag holding discarded connections is read once, closing
+    /// them and putting the others back. From now on a discard does that at once.
+    pub(crate) fn settle(&self, unclaimed: &[String]) {
+        let mut bags = self.lock();
+        for name in unclaimed {
+            bags.remove(name);
+        }
+        bags.deferring = false;
+        for serial in std::mem::take(&mut bags.dirty) {
+            bags.compact(serial);
         }
     }
 }
@@ -293,8 +317,8 @@ impl Bags {
         Some(self.held.len() - 1)
     }
 
-    /// Takes the connection `name` out of its bag: reads the bag, closes that connection (and
-    /// any other no longer kept), and puts the others back. An emptied bag leaves the store.
+    /// Takes the connection `name` out of its bag (see [`compact`](Self::compact); while
+    /// deferring, later).
     fn remove(&mut self, name: &str) {
         let Some((serial, id)) = self.member.remove(name) else {
             return;
@@ -302,6 +326,16 @@ impl Bags {
         if self.ids.get(&id).is_some_and(|n| n == name) {
             self.ids.remove(&id);
         }
+        if self.deferring {
+            self.dirty.insert(serial);
+        } else {
+            self.compact(serial);
+        }
+    }
+
+    /// Reads the bag `serial`, closes every connection in it that is no longer kept, and puts
+    /// the others back. An emptied bag leaves the store.
+    fn compact(&mut self, serial: u64) {
         let Some(i) = self.held.iter().position(|h| h.serial == serial) else {
             return;
         };
@@ -415,5 +449,70 @@ mod tests {
         let (names, bags) = store.kept();
         assert_eq!(names.len(), 47);
         assert_eq!(bags, 1, "the emptied bag is gone");
+    }
+
+    /// What a bag holds, read and put back (for tests).
+    fn bag_names(store: &Store, i: usize) -> Vec<String> {
+        let b = store.lock();
+        let contents = bag::take_all(b.held[i].bag.rx());
+        let items: Vec<Item<'_>> = contents
+            .items
+            .iter()
+            .map(|(label, fd)| Item {
+                label,
+                fd: fd.as_fd(),
+            })
+            .collect();
+        b.held[i].bag.put(&items).unwrap();
+        let mut names: Vec<String> = contents.items.iter().map(|(l, _)| l.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// During start-up discarded connections stay in their bags, until `settle` reads each bag
+    /// once (closing them, and those not taken).
+    #[test]
+    fn start_up_discards_wait_for_settle() {
+        let pairs: Vec<(UnixStream, UnixStream)> =
+            (0..10).map(|_| UnixStream::pair().unwrap()).collect();
+        let labels: Vec<Label> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (a, _))| Label {
+                name: format!("c.{i}"),
+                kind: Kind::UnixStream.code(),
+                id: FileId::of(a.as_fd()).unwrap(),
+            })
+            .collect();
+        let made = Bag::new().unwrap();
+        let items: Vec<Item<'_>> = labels
+            .iter()
+            .zip(&pairs)
+            .map(|(label, (a, _))| Item {
+                label,
+                fd: a.as_fd(),
+            })
+            .collect();
+        made.put(&items).unwrap();
+        drop(items);
+        let (held, peers): (Vec<UnixStream>, Vec<UnixStream>) = pairs.into_iter().unzip();
+        drop(held); // the bag holds them now
+        let store = Store::new();
+        store.take_over(vec![(made, labels)]);
+        store.discard("c.0");
+        store.discard("c.1");
+        assert_eq!(store.kept().0.len(), 8);
+        assert_eq!(bag_names(&store, 0).len(), 10, "still in the bag");
+        store.settle(&["c.2".to_owned(), "not-a-member".to_owned()]);
+        assert_eq!(bag_names(&store, 0).len(), 7);
+        let mut buf = [0u8; 1];
+        for (i, mut p) in peers.into_iter().enumerate() {
+            p.set_nonblocking(true).unwrap();
+            let closed = matches!(p.read(&mut buf), Ok(0));
+            assert_eq!(closed, i < 3, "client {i}");
+        }
+        // After start-up a discard takes effect at once.
+        store.discard("c.3");
+        assert_eq!(bag_names(&store, 0).len(), 6);
     }
 }

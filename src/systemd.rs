@@ -107,8 +107,14 @@ impl<L: Launcher> Transport for Systemd<L> {
     const KIND: LifecycleKind = LifecycleKind::Systemd;
     const RESTARTS_ON_SIGTERM: bool = true;
 
-    /// Answers the initiator of the restart that started this process.
+    /// Settles the store (the connections found closed or not taken leave their bags, each bag
+    /// read once), and answers the initiator of the restart that started this process.
     async fn after_ready(&mut self) {
+        let unclaimed: Vec<String> = inherit::unclaimed()
+            .into_iter()
+            .filter(|name| inherit::came_from_bag(name))
+            .collect();
+        self.store.settle(&unclaimed);
         if let Ok(Some(fd)) = inherit::take(INITIATOR_FD) {
             remove(INITIATOR_FD);
             answer_stored_initiator(fd).await;
@@ -116,9 +122,9 @@ impl<L: Launcher> Transport for Systemd<L> {
     }
 
     /// Drops a store entry this generation did not take (the state entry in the store is
-    /// already this generation's new memfd).
+    /// already this generation's new memfd; a connection from a bag left it in `after_ready`).
     fn release(&mut self, name: &str) {
-        if name != STATE_FD {
+        if name != STATE_FD && !inherit::came_from_bag(name) {
             self.store.discard(name);
         }
     }
