@@ -512,7 +512,8 @@ async fn serve(args: Args) -> ExitCode {
     drop(park);
     let drained = coordinator.shutdown_with_timeout(deadline).await;
     if args.systemd {
-        // Echo clients that were handed back go into systemd's store for the next generation.
+        // Echo clients that were handed back go into systemd's store for the next generation
+        // (those taken from the store are still in it, under their names).
         let mut n = 0;
         while let Ok(tcp) = parked_rx.try_recv() {
             if let Ok(std) = tcp.into_std() {
@@ -523,7 +524,7 @@ async fn serve(args: Args) -> ExitCode {
                 n += 1;
             }
         }
-        tracing::info!("{n} echo clients kept in systemd's store");
+        tracing::info!("{n} new echo clients put in systemd's store");
     }
     tracing::info!(drained, "generation {generation} exits");
     ExitCode::from(handover.exit_code() as u8)
@@ -557,7 +558,8 @@ fn resume_stored_echo_clients(
 
 /// Serves one echo client, greeting it first when `greet` holds a generation. With `park` (the
 /// systemd lifecycle), on shutdown it stops at a line boundary and hands the connection back,
-/// to be kept in the store; without, it goes on echoing until the drain deadline.
+/// to be kept in the store (one taken from the store is still in it: it is only let go);
+/// without, it goes on echoing until the drain deadline.
 fn spawn_echo(
     tcp: TcpStream,
     stored_as: Option<String>,
@@ -595,7 +597,9 @@ fn spawn_echo(
             }
         };
         if let (true, Some(park)) = (keep, &park) {
-            let _ = park.send(tcp.into_inner());
+            if stored_as.is_none() {
+                let _ = park.send(tcp.into_inner());
+            }
         } else if let Some(name) = stored_as {
             // The client left: it no longer needs a place in the store.
             registry.remove(&name);

@@ -5,7 +5,9 @@
 #   bench_systemd_setup LABEL
 #
 # Builds the example, the CLI and the bench crate (unless NO_BUILD=1), copies the binaries and
-# the example units unchanged into a temporary directory bound to /opt/t, boots the container,
+# the example units unchanged into a temporary directory bound to /opt/t, boots the container
+# (the machine's systemd, or with SYSTEMD_ROOT=DIR the systemd of that root directory, left
+# unchanged: see container_boot),
 # installs both units with a drop-in that only sets free addresses and RUST_LOG=warn, and starts
 # them. Sets: target, bench, work, http_port, echo_port, fe_http_port, fe_echo_port; defines
 # `c CMD...` to run a command in the container.
@@ -33,7 +35,7 @@ for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 
-    container_boot "shellflip-$label-$$" "$work"
+    container_boot "shellflip-$label-$$" "$work" 60 "${SYSTEMD_ROOT:-}"
     for unit in restarter restarter-forkexec; do
         c cp "/opt/t/$unit.service" /run/systemd/system/
         c mkdir -p "/run/systemd/system/$unit.service.d"

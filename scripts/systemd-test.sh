@@ -24,6 +24,8 @@
 #   f  `systemctl stop` then `start`: a fresh start, without complaint
 #   g  the fork/exec lifecycle under systemd: `systemctl reload` moves the main PID to the
 #      new process, and fails (changing nothing) when the new process refuses the state
+#   j  300 echo clients kept in the store (in 2 bags, not 300 entries) across restarts: clients
+#      that reset or close while they wait in the store are dropped, every other one echoes
 #
 # From systemd 253 (here 257):
 #   h  Type=notify-reload (restarter-reload.service): 5 `systemctl reload`s under keep-alive
@@ -81,12 +83,17 @@ work=""
 totals_printed=""
 load_pid=""
 echo_fd=""
+clients_pid=""
 cleanup() {
     local status=$?
     set +e
     if [[ -n $load_pid ]]; then
         kill -TERM "$load_pid" 2>/dev/null
         wait "$load_pid" 2>/dev/null
+    fi
+    if [[ -n $clients_pid ]]; then
+        kill -TERM "$clients_pid" 2>/dev/null
+        wait "$clients_pid" 2>/dev/null
     fi
     if [[ -n $echo_fd ]]; then
         exec {echo_fd}>&-
@@ -280,6 +287,54 @@ expect "a: the store does not grow from restart to restart ($stored_first after 
     test "${stored_first:-x}" = "${stored_last:-y}"
 if [[ -n $echo_fd ]]; then exec {echo_fd}>&-; fi
 echo_fd=""
+
+# --- j: many echo clients kept in the store, in bags ---------------------------------------------
+# For these restarts the new process starts 1 s after the old one exited (a drop-in's
+# ExecStartPre=), so that clients can leave while their connections wait in the store.
+c tee /run/systemd/system/restarter.service.d/pause.conf >/dev/null <<EOF
+[Service]
+ExecStartPre=/bin/sleep 1
+EOF
+c systemctl daemon-reload
+clients=300
+coproc ECHO_CLIENTS { exec /usr/bin/python3 -u "$repo/scripts/echo-clients.py" "127.0.0.1:$echo_port" "$clients"; }
+clients_pid=$ECHO_CLIENTS_PID
+# clients_say CMD: sends one command to the clients, prints their answer.
+clients_say() {
+    local answer=""
+    echo "$1" >&"${ECHO_CLIENTS[1]}"
+    read -r -t 120 answer <&"${ECHO_CLIENTS[0]}" || true
+    echo "$answer"
+}
+connected=""
+read -r -t 120 connected <&"${ECHO_CLIENTS[0]}" || true
+expect "j: $clients echo clients connected ($connected)" test "$connected" = "connected $clients"
+# bags_read: what the newest generation said it read from the store's bags.
+bags_read() {
+    c journalctl -u restarter -b --no-pager -o cat | grep -o '[0-9]* stored connections read from [0-9]* bags' | tail -n 1
+}
+c systemctl restart --no-block restarter
+wait_state restarter activating || true
+left="$(clients_say "reset 5"), $(clients_say "close 5")"
+wait_state restarter active || true
+first=$(bags_read)
+echoed=$(clients_say "check h1")
+stored=$(store_size restarter)
+expect "j: restart while $left: $first; the store holds $stored entries" \
+    test "$first" = "$clients stored connections read from 2 bags" -a "${stored:-99}" -le 8
+expect "j: after it, every client still there echoes ($echoed)" \
+    test "$echoed" = "echoed $((clients - 10)) of $((clients - 10))"
+c systemctl restart restarter
+second=$(bags_read)
+echoed=$(clients_say "check h2")
+expect "j: the next restart hands on only those ($second), and each echoes ($echoed)" \
+    test "$second" = "$((clients - 10)) stored connections read from 2 bags" \
+    -a "$echoed" = "echoed $((clients - 10)) of $((clients - 10))"
+kill -TERM "$clients_pid" 2>/dev/null || true
+wait "$clients_pid" 2>/dev/null || true
+clients_pid=""
+c rm /run/systemd/system/restarter.service.d/pause.conf
+c systemctl daemon-reload
 
 # --- c: a restart on the control socket, through the command line ------------------------------
 before=$(generation_at "$http_port")

@@ -15,7 +15,7 @@
 //! descriptor named there must be open; it is made close-on-exec as soon as it is read, so it
 //! never leaks into a program the service starts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -23,9 +23,12 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 
+use crate::bag::{self, Bag, Item, Label};
+
 /// The first descriptor number of an inherited list (after stdin, stdout and stderr).
 pub(crate) const FIRST_FD: RawFd = 3;
-/// Most descriptors accepted in one inherited list (systemd's own store limit is 4096 by default).
+/// Most descriptors accepted in one inherited list (systemd's own store limit is 4096 by default;
+/// connections that come in bags are not counted here).
 const MAX_FDS: usize = 65_536;
 
 pub(crate) const ENV_PPID: &str = "SHELLFLIP_PPID";
@@ -351,6 +354,16 @@ pub(crate) struct Inherited {
     pub(crate) mode: Mode,
     pub(crate) generation: u64,
     fds: BTreeMap<String, OwnedFd>,
+    /// What the bag said of each descriptor that came out of one (see [`bag`]) and went into a
+    /// new one, by name.
+    bagged: HashMap<String, Label>,
+    /// The names of the bags read (in systemd's store, empty now).
+    drained_bags: Vec<String>,
+    /// The new bags holding what the bags read held, for systemd's store.
+    new_bags: Vec<(Bag, Vec<Label>)>,
+    /// What came out of a bag but could not be put in a new one.
+    loose: HashSet<String>,
+    bag_report: Option<BagReport>,
     /// The program to start for a restart: argv\[0\] made absolute when the process started.
     pub(crate) executable: Option<PathBuf>,
 }
@@ -370,6 +383,162 @@ impl Inherited {
     pub(crate) fn names(&self) -> Vec<String> {
         self.fds.keys().cloned().collect()
     }
+
+    /// What its bag said of `name`, when it came out of one and is in a new one.
+    pub(crate) fn bagged(&self, name: &str) -> Option<&Label> {
+        self.bagged.get(name)
+    }
+
+    /// Whether `name` came out of a bag but is in no bag now: nothing but this process holds it.
+    pub(crate) fn loose(&self, name: &str) -> bool {
+        self.loose.contains(name)
+    }
+
+    /// Adds `fd` under `name`, or `name#2`, `name#3`... when the name is taken; the key used.
+    fn insert(&mut self, name: &str, fd: OwnedFd) -> String {
+        let mut key = name.to_owned();
+        let mut k = 1;
+        while self.fds.contains_key(&key) {
+            k += 1;
+            key = format!("{name}#{k}");
+        }
+        self.fds.insert(key.clone(), fd);
+        key
+    }
+
+    /// Replaces every bag in the set by what it holds (see [`bag`]), and puts all of that in new
+    /// bags at once: this process then holds one descriptor per connection (the one the
+    /// application takes), not two. A bag that cannot be read whole loses what could not be
+    /// read, and says so; start-up goes on.
+    ///
+    /// This runs before the application's logger exists: what happened is kept in a
+    /// [`BagReport`], logged by [`report_bags`].
+    fn unpack_bags(&mut self) {
+        let bags: Vec<String> = self
+            .fds
+            .keys()
+            .filter(|k| k.starts_with(bag::NAME_PREFIX))
+            .cloned()
+            .collect();
+        if bags.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let mut report = BagReport {
+            bags: bags.len(),
+            raised: raise_nofile_limit(),
+            ..BagReport::default()
+        };
+        let mut unpacked: Vec<(String, Label)> = Vec::new();
+        for key in bags {
+            let Some(rx) = self.fds.remove(&key) else {
+                continue;
+            };
+            let contents = bag::take_all(rx.as_fd());
+            report
+                .problems
+                .extend(contents.problems.into_iter().map(|p| format!("{key}: {p}")));
+            for (mut label, fd) in contents.items {
+                if let Err(why) = check_name(&label.name) {
+                    report
+                        .problems
+                        .push(format!("{key}: {:?} dropped: {why}", label.name));
+                    continue;
+                }
+                report.connections += 1;
+                let key = self.insert(&label.name, fd);
+                label.name.clone_from(&key);
+                unpacked.push((key, label));
+            }
+            // systemd's name for it (without a `#k` added here).
+            let name = key.split('#').next().unwrap_or(&key).to_owned();
+            if !self.drained_bags.contains(&name) {
+                self.drained_bags.push(name);
+            }
+        }
+        // Into new bags, a full message each.
+        for chunk in unpacked.chunks(bag::PER_MESSAGE) {
+            let items: Vec<Item<'_>> = chunk
+                .iter()
+                .filter_map(|(key, label)| {
+                    Some(Item {
+                        label,
+                        fd: self.fds.get(key)?.as_fd(),
+                    })
+                })
+                .collect();
+            let bag = Bag::new().and_then(|b| b.put(&items).map(|()| b));
+            match bag {
+                Ok(bag) => {
+                    self.new_bags
+                        .push((bag, chunk.iter().map(|(_, l)| l.clone()).collect()));
+                    self.bagged.extend(chunk.iter().cloned());
+                }
+                // Then nothing holds these but this process: the registry keeps them as it
+                // keeps anything else it registers.
+                Err(e) => {
+                    report.problems.push(format!(
+                        "cannot put {} connections in a new bag: {e}",
+                        chunk.len()
+                    ));
+                    self.loose.extend(chunk.iter().map(|(k, _)| k.clone()));
+                }
+            }
+        }
+        report.elapsed = started.elapsed();
+        self.bag_report = Some(report);
+    }
+}
+
+/// What reading the bags at start-up found, logged once the application's logger exists.
+#[derive(Debug, Default)]
+struct BagReport {
+    bags: usize,
+    connections: usize,
+    elapsed: std::time::Duration,
+    /// The soft limit of open descriptors, raised from and to.
+    raised: Option<(u64, u64)>,
+    problems: Vec<String>,
+}
+
+/// Logs what reading the bags of connections at start-up found (once).
+pub(crate) fn report_bags() {
+    let Some(r) = inherited().as_mut().ok().and_then(|i| i.bag_report.take()) else {
+        return;
+    };
+    tracing::info!(
+        elapsed = ?r.elapsed,
+        "{} stored connections read from {} bags",
+        r.connections,
+        r.bags
+    );
+    if let Some((from, to)) = r.raised {
+        tracing::info!("raised the soft limit of open descriptors from {from} to {to}");
+    }
+    for p in &r.problems {
+        tracing::error!("stored connections: {p}");
+    }
+}
+
+/// Lifts the soft limit on open descriptors to the hard one: the connections in the bags are
+/// about to arrive, and those beyond the soft limit would be lost. Under systemd the hard limit
+/// is the unit's `LimitNOFILE=` (524288 by default since systemd 240). From and to, when raised.
+fn raise_nofile_limit() -> Option<(u64, u64)> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit, which we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            let soft = l.rlim_cur;
+            l.rlim_cur = l.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 {
+                return Some((soft, l.rlim_max));
+            }
+        }
+    }
+    None
 }
 
 /// Takes ownership of the descriptors `d` describes, at `FIRST_FD..`: each must be open; each is
@@ -387,7 +556,18 @@ fn open(d: Description, executable: Option<PathBuf>) -> Result<Inherited, Inheri
             });
         }
     }
-    let mut fds = BTreeMap::new();
+    let mut set = Inherited {
+        origin: d.origin,
+        mode: d.mode,
+        generation: d.generation,
+        fds: BTreeMap::new(),
+        bagged: HashMap::new(),
+        drained_bags: Vec::new(),
+        new_bags: Vec::new(),
+        loose: HashSet::new(),
+        bag_report: None,
+        executable,
+    };
     for (i, name) in d.names.into_iter().enumerate() {
         let raw = FIRST_FD + i as RawFd;
         // SAFETY: the environment, addressed to this process (PID check in `parse`), hands us
@@ -396,21 +576,10 @@ fn open(d: Description, executable: Option<PathBuf>) -> Result<Inherited, Inheri
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         set_cloexec(&fd);
         // systemd gives every socket of one .socket unit the same name: keep them all apart.
-        let mut key = name.clone();
-        let mut k = 1;
-        while fds.contains_key(&key) {
-            k += 1;
-            key = format!("{name}#{k}");
-        }
-        fds.insert(key, fd);
+        set.insert(&name, fd);
     }
-    Ok(Inherited {
-        origin: d.origin,
-        mode: d.mode,
-        generation: d.generation,
-        fds,
-        executable,
-    })
+    set.unpack_bags();
+    Ok(set)
 }
 
 /// Parses the environment and takes the descriptors it describes.
@@ -549,6 +718,30 @@ pub(crate) fn take(name: &str) -> Result<Option<OwnedFd>, InheritError> {
     let mut set = inherited();
     let set = set.as_mut().map_err(|e| e.clone())?;
     Ok(set.take(name))
+}
+
+/// The names of the bags read at start-up: systemd still holds them, empty.
+pub(crate) fn drained_bags() -> Vec<String> {
+    inherited()
+        .as_ref()
+        .map(|i| i.drained_bags.clone())
+        .unwrap_or_default()
+}
+
+/// The new bags that hold the connections read from bags at start-up, with what each holds:
+/// for systemd's store (once).
+pub(crate) fn take_new_bags() -> Vec<(Bag, Vec<Label>)> {
+    inherited()
+        .as_mut()
+        .map(|i| std::mem::take(&mut i.new_bags))
+        .unwrap_or_default()
+}
+
+/// Whether the inherited descriptor `name` came out of a bag (systemd does not hold it by name).
+pub(crate) fn came_from_bag(name: &str) -> bool {
+    inherited()
+        .as_ref()
+        .is_ok_and(|i| i.bagged.contains_key(name) || i.loose.contains(name))
 }
 
 /// The names still in the inherited set: what this generation did not take.

@@ -147,6 +147,7 @@ compile_error!(
 
 #[cfg(feature = "axum")]
 pub mod axum;
+mod bag;
 #[cfg(feature = "client-retry")]
 pub mod client;
 mod config;

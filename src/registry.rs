@@ -8,7 +8,8 @@
 //! close-on-exec**, ready for `tokio`'s `from_std`.
 //!
 //! An inherited descriptor is validated before it is adopted (`SO_TYPE`, address family,
-//! `SO_ACCEPTCONN`) and taken out of the inherited set only when that succeeded.
+//! `SO_ACCEPTCONN`; for a connection that came in a bag, by what the bag says of it, without a
+//! system call) and taken out of the inherited set only when that succeeded.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -43,6 +44,35 @@ pub enum Kind {
     UnixStream,
     /// Any other descriptor (a memfd, a pipe, a file).
     Other,
+}
+
+impl Kind {
+    /// One byte for the kind, in what a bag says of its descriptors.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Kind::TcpListener => b'L',
+            Kind::UdpSocket => b'D',
+            Kind::UnixListener => b'l',
+            Kind::UnixDatagram => b'd',
+            Kind::TcpStream => b't',
+            Kind::UnixStream => b'u',
+            Kind::Other => b'o',
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Kind> {
+        [
+            Kind::TcpListener,
+            Kind::UdpSocket,
+            Kind::UnixListener,
+            Kind::UnixDatagram,
+            Kind::TcpStream,
+            Kind::UnixStream,
+            Kind::Other,
+        ]
+        .into_iter()
+        .find(|k| k.code() == code)
+    }
 }
 
 /// A descriptor that could not be registered or adopted.
@@ -103,19 +133,31 @@ pub enum RegistryError {
     },
 }
 
+/// One descriptor for a [`Keeper`] to keep.
+pub(crate) struct Keep<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) kind: Kind,
+    pub(crate) fd: BorrowedFd<'a>,
+}
+
 /// Where descriptors are kept between generations, besides this process (systemd's store).
 pub(crate) trait Keeper: Send + Sync {
-    fn keep(&self, name: &str, fd: BorrowedFd<'_>);
+    /// Keeps each descriptor under its name. For each, whether the keeper holds a copy of its
+    /// own that needs nothing from this process (a connection in a bag): the registry then
+    /// closes its own.
+    fn keep(&self, items: &[Keep<'_>]) -> Vec<bool>;
     fn discard(&self, name: &str);
 }
 
 struct Entry {
     kind: Kind,
-    fd: OwnedFd,
+    /// `None` when a bag holds it and this process need not (see [`Keeper::keep`]).
+    fd: Option<OwnedFd>,
     /// For a Unix socket bound here: its path, removed when the service stops for good.
     path: Option<PathBuf>,
-    /// Whether it came from the environment (then systemd already holds it, if it gave it).
-    inherited: bool,
+    /// Whether it is kept outside this process already: by the keeper, by systemd when it came
+    /// from its store by name, or by a bag when it came out of one.
+    kept: bool,
 }
 
 #[derive(Default)]
@@ -288,13 +330,17 @@ impl Registry {
 
     /// Registers any descriptor under `name` (an accepted connection, a memfd), so that the
     /// next generation can take it back with [`take_tcp_stream`](Self::take_tcp_stream) or
-    /// [`take_fd`](Self::take_fd). In the systemd lifecycle it goes into the store at once.
+    /// [`take_fd`](Self::take_fd). In the systemd lifecycle it goes into the store at once (a
+    /// connection into a bag of up to 253: see the README); a socket already in the store,
+    /// under any name, is not stored twice.
     ///
-    /// The registry keeps `fd` itself; keep using a duplicate if you still need it.
+    /// The registry takes `fd` (and closes it once a bag holds the connection); keep using a
+    /// duplicate if you still need it.
     pub fn insert(&self, name: &str, fd: impl Into<OwnedFd>) -> Result<(), RegistryError> {
         let fd = fd.into();
         let kind = classify(fd.as_fd());
-        self.register(name, kind, fd, None).map(drop)
+        check_user_name(name)?;
+        self.register_any(name, kind, fd, None, false).map(drop)
     }
 
     /// Takes back an inherited TCP connection called `name`, non-blocking. `Ok(None)` when there
@@ -370,11 +416,14 @@ impl Registry {
     fn forget(&self, name: &str) -> bool {
         let (found, keeper) = {
             let mut inner = self.lock();
-            let found = inner.entries.remove(name).is_some();
-            if inner.keeper.is_none() {
+            let removed = inner.entries.remove(name);
+            // One that nobody keeps has nothing to discard.
+            let kept = removed.as_ref().is_none_or(|e| e.kept);
+            if kept && inner.keeper.is_none() {
                 inner.forgotten.push(name.to_owned());
             }
-            (found, inner.keeper.clone())
+            let keeper = if kept { inner.keeper.clone() } else { None };
+            (removed.is_some(), keeper)
         };
         if let Some(k) = keeper {
             k.discard(name);
@@ -383,13 +432,13 @@ impl Registry {
     }
 
     /// Adopts the inherited descriptor `name` if there is one of the right kind: registers it
-    /// and returns a close-on-exec duplicate.
+    /// and returns a close-on-exec duplicate (or the descriptor itself, when a bag holds it).
     fn adopt(&self, name: &str, kind: Kind) -> Result<Option<OwnedFd>, RegistryError> {
         check_user_name(name)?;
         if self.lock().entries.contains_key(name) {
             return Err(RegistryError::Duplicate(name.into()));
         }
-        let fd = {
+        let (fd, bagged, loose) = {
             let mut set = inherit::inherited();
             let set = set
                 .as_mut()
@@ -397,13 +446,23 @@ impl Registry {
             let Some(borrowed) = set.peek(name) else {
                 return Ok(None);
             };
-            check_kind(borrowed, kind).map_err(|found| RegistryError::WrongKind {
+            let bagged = set.bagged(name).map(|label| label.kind);
+            let loose = set.loose(name);
+            // What a bag says of a descriptor was checked when it went in: no system call.
+            let checked = match bagged {
+                Some(code) if kind != Kind::Other => match Kind::from_code(code) {
+                    Some(found) if found == kind => Ok(()),
+                    found => Err(format!("it is a {found:?}")),
+                },
+                _ => check_kind(borrowed, kind),
+            };
+            checked.map_err(|found| RegistryError::WrongKind {
                 name: name.into(),
                 expected: kind,
                 found,
             })?;
             match set.take(name) {
-                Some(fd) => fd,
+                Some(fd) => (fd, bagged, loose),
                 None => return Ok(None),
             }
         };
@@ -413,15 +472,31 @@ impl Registry {
             fd = fd.as_raw_fd(),
             "adopted inherited descriptor"
         );
+        // One that came out of a bag is in a new bag already: this process needs no copy.
+        if bagged.is_some() {
+            self.lock().entries.insert(
+                name.into(),
+                Entry {
+                    kind,
+                    fd: None,
+                    path: None,
+                    kept: true,
+                },
+            );
+            return Ok(Some(fd));
+        }
+        // One that came out of a bag but is in none is kept as if it were created here.
+        if loose {
+            return self.register_any(name, kind, fd, None, true);
+        }
         let dup = fd.try_clone().map_err(|e| io_err("duplicate", name, e))?;
-        let mut inner = self.lock();
-        inner.entries.insert(
+        self.lock().entries.insert(
             name.into(),
             Entry {
                 kind,
-                fd,
+                fd: Some(fd),
                 path: None,
-                inherited: true,
+                kept: true,
             },
         );
         Ok(Some(dup))
@@ -436,32 +511,46 @@ impl Registry {
         path: Option<PathBuf>,
     ) -> Result<OwnedFd, RegistryError> {
         check_user_name(name)?;
-        self.register_any(name, kind, fd, path)
+        self.register_any(name, kind, fd, path, true)
+            .map(|dup| dup.expect("a duplicate was asked for"))
     }
 
+    /// Registers `fd`; returns a close-on-exec duplicate when `dup` asks for one.
     fn register_any(
         &self,
         name: &str,
         kind: Kind,
         fd: OwnedFd,
         path: Option<PathBuf>,
-    ) -> Result<OwnedFd, RegistryError> {
+        dup: bool,
+    ) -> Result<Option<OwnedFd>, RegistryError> {
         inherit::set_cloexec(&fd);
-        let dup = fd.try_clone().map_err(|e| io_err("duplicate", name, e))?;
+        let dup = match dup {
+            true => Some(fd.try_clone().map_err(|e| io_err("duplicate", name, e))?),
+            false => None,
+        };
         let mut inner = self.lock();
         if inner.entries.contains_key(name) {
             return Err(RegistryError::Duplicate(name.into()));
         }
-        if let Some(k) = &inner.keeper {
-            k.keep(name, fd.as_fd());
-        }
+        let (kept, held) = match &inner.keeper {
+            Some(k) => {
+                let held = k.keep(&[Keep {
+                    name,
+                    kind,
+                    fd: fd.as_fd(),
+                }]);
+                (true, held.first().copied().unwrap_or(false))
+            }
+            None => (false, false),
+        };
         inner.entries.insert(
             name.into(),
             Entry {
                 kind,
-                fd,
+                fd: (!held).then_some(fd),
                 path,
-                inherited: false,
+                kept,
             },
         );
         Ok(dup)
@@ -475,31 +564,57 @@ impl Registry {
         path: Option<PathBuf>,
     ) -> Result<(), RegistryError> {
         let kind = classify(fd.as_fd());
-        self.register_any(name, kind, fd, path).map(drop)
+        self.register_any(name, kind, fd, path, false).map(drop)
     }
 
-    /// Calls `f` with every registered descriptor, in name order (what crosses at a handover).
+    /// Calls `f` with every registered descriptor this process holds, in name order (what
+    /// crosses at a fork/exec handover; those only a bag holds are in the store already).
     pub(crate) fn with_fds<R>(&self, f: impl FnOnce(&[(&str, BorrowedFd<'_>)]) -> R) -> R {
         let inner = self.lock();
         let list: Vec<(&str, BorrowedFd<'_>)> = inner
             .entries
             .iter()
-            .map(|(n, e)| (n.as_str(), e.fd.as_fd()))
+            .filter_map(|(n, e)| Some((n.as_str(), e.fd.as_ref()?.as_fd())))
             .collect();
         f(&list)
     }
 
-    /// From now on, every descriptor registered is also kept by `keeper`; those created in this
-    /// process so far (not inherited, hence not kept yet) are handed to it now, and those
-    /// forgotten so far are discarded from it.
+    /// From now on, every descriptor registered is also kept by `keeper`; those not kept yet
+    /// (created in this process) are handed to it now, together, and those forgotten so far are
+    /// discarded from it.
     pub(crate) fn attach_keeper(&self, keeper: Arc<dyn Keeper>) {
         let mut inner = self.lock();
         for name in std::mem::take(&mut inner.forgotten) {
             keeper.discard(&name);
         }
-        for (name, e) in &inner.entries {
-            if !e.inherited {
-                keeper.keep(name, e.fd.as_fd());
+        let items: Vec<Keep<'_>> = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.kept)
+            .filter_map(|(name, e)| {
+                Some(Keep {
+                    name,
+                    kind: e.kind,
+                    fd: e.fd.as_ref()?.as_fd(),
+                })
+            })
+            .collect();
+        let names: Vec<String> = items.iter().map(|k| k.name.to_owned()).collect();
+        let held = if items.is_empty() {
+            Vec::new()
+        } else {
+            keeper.keep(&items)
+        };
+        drop(items);
+        for (name, held) in names
+            .iter()
+            .zip(held.into_iter().chain(std::iter::repeat(false)))
+        {
+            if let Some(e) = inner.entries.get_mut(name) {
+                e.kept = true;
+                if held {
+                    e.fd = None;
+                }
             }
         }
         inner.keeper = Some(keeper);

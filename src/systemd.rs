@@ -16,7 +16,7 @@ use sd_notify::NotifyState;
 use crate::control::{Initiator, LifecycleKind, RestartCoordinationSocket};
 use crate::inherit::{self, INITIATOR_FD, Mode, Origin, STATE_FD};
 use crate::lifecycle::send_state;
-use crate::notify::{Store, notify, notify_socket_set};
+use crate::notify::{Store, notify, notify_socket_set, remove, store_one};
 use crate::outcome::{Handover, RestartError, SetupError};
 use crate::registry::{Keeper, Registry};
 use crate::successor::{Child, Launcher};
@@ -56,6 +56,8 @@ pub(crate) struct Systemd<L> {
     launcher: L,
     /// The memfd the state is written into; it is in the store under [`STATE_FD`].
     memfd: std::fs::File,
+    /// The registry's keeper: what the registry holds goes into systemd's store.
+    store: Arc<Store>,
 }
 
 impl<L: Launcher> Systemd<L> {
@@ -69,19 +71,35 @@ impl<L: Launcher> Systemd<L> {
             what: "creating the state memfd",
             source,
         })?;
+        // The bags of connections were read at start-up: drop them from the store, before this
+        // generation stores bags of its own.
+        inherit::report_bags();
+        for name in inherit::drained_bags() {
+            remove(&name);
+        }
+        let store = Arc::new(Store::new());
+        store.take_over(inherit::take_new_bags());
         // The previous state memfd (if any) was read already; replace it by an empty one, so
         // that a crash of this generation never hands the old state to the next one.
-        Store.discard(STATE_FD);
-        Store.keep(STATE_FD, memfd.as_fd());
-        registry.attach_keeper(Arc::new(Store));
-        Ok(Systemd { launcher, memfd })
+        remove(STATE_FD);
+        store_one(STATE_FD, memfd.as_fd(), true);
+        registry.attach_keeper(store.clone());
+        Ok(Systemd {
+            launcher,
+            memfd,
+            store,
+        })
     }
 
     /// The lifecycle without a service manager, for the restart loop's unit tests.
     #[cfg(test)]
     pub(crate) fn detached(launcher: L) -> Systemd<L> {
         let memfd = crate::state::create_memfd().expect("memfd");
-        Systemd { launcher, memfd }
+        Systemd {
+            launcher,
+            memfd,
+            store: Arc::new(Store::new()),
+        }
     }
 }
 
@@ -89,19 +107,25 @@ impl<L: Launcher> Transport for Systemd<L> {
     const KIND: LifecycleKind = LifecycleKind::Systemd;
     const RESTARTS_ON_SIGTERM: bool = true;
 
-    /// Answers the initiator of the restart that started this process.
+    /// Settles the store (the connections found closed or not taken leave their bags, each bag
+    /// read once), and answers the initiator of the restart that started this process.
     async fn after_ready(&mut self) {
+        let unclaimed: Vec<String> = inherit::unclaimed()
+            .into_iter()
+            .filter(|name| inherit::came_from_bag(name))
+            .collect();
+        self.store.settle(&unclaimed);
         if let Ok(Some(fd)) = inherit::take(INITIATOR_FD) {
-            Store.discard(INITIATOR_FD);
+            remove(INITIATOR_FD);
             answer_stored_initiator(fd).await;
         }
     }
 
     /// Drops a store entry this generation did not take (the state entry in the store is
-    /// already this generation's new memfd).
+    /// already this generation's new memfd; a connection from a bag left it in `after_ready`).
     fn release(&mut self, name: &str) {
-        if name != STATE_FD {
-            Store.discard(name);
+        if name != STATE_FD && !inherit::came_from_bag(name) {
+            self.store.discard(name);
         }
     }
 
@@ -205,7 +229,7 @@ fn store_initiator(socket: RestartCoordinationSocket) {
     match stream.into_std() {
         Ok(s) => {
             let fd: OwnedFd = s.into();
-            Store.keep(INITIATOR_FD, fd.as_fd());
+            store_one(INITIATOR_FD, fd.as_fd(), true);
         }
         Err(e) => tracing::warn!("cannot keep the restart's initiator: {e}"),
     }

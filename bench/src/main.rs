@@ -125,6 +125,9 @@ enum Bench {
         /// Results go to bench/results/<name>.md.
         #[arg(long, default_value = "systemd-gap")]
         name: String,
+        /// Which systemd, for the run's description (`systemctl --version`'s first line).
+        #[arg(long, default_value = "")]
+        systemd: String,
     },
     /// Echo clients kept in systemd's file descriptor store across `systemctl restart`
     /// (see scripts/bench-systemd-store.sh).
@@ -139,11 +142,17 @@ enum Bench {
         #[arg(long, default_value = "restarter")]
         unit: String,
         /// Client counts, comma-separated.
-        #[arg(long, default_value = "0,1,100,1000", value_delimiter = ',')]
+        #[arg(long, default_value = "0,1000,10000", value_delimiter = ',')]
         clients: Vec<usize>,
         /// Restarts per count.
         #[arg(long, default_value_t = 20)]
         restarts: usize,
+        /// Results go to bench/results/<name>.md.
+        #[arg(long, default_value = "systemd-store")]
+        name: String,
+        /// Which systemd, for the run's description (`systemctl --version`'s first line).
+        #[arg(long, default_value = "")]
+        systemd: String,
     },
     /// Restart latency beside the floor (posix_spawn of the same binary until ready).
     Latency {
@@ -206,6 +215,15 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+}
+
+/// " (under systemd N ...)" for a run's description, or nothing.
+fn under(systemd: &str) -> String {
+    if systemd.is_empty() {
+        String::new()
+    } else {
+        format!(" under {systemd}")
+    }
 }
 
 fn main() -> ExitCode {
@@ -359,6 +377,7 @@ fn main() -> ExitCode {
                 pause_ms,
                 probe_us,
                 name,
+                systemd,
             } => {
                 let o = sdunit::GapOptions {
                     http: addr,
@@ -372,7 +391,8 @@ fn main() -> ExitCode {
                     },
                 };
                 let command = format!(
-                    "systemd-gap: {restarts} × `systemctl {} {unit}` {pause_ms} ms apart, a new probe connection every {probe_us} µs",
+                    "systemd-gap{}: {restarts} × `systemctl {} {unit}` {pause_ms} ms apart, a new probe connection every {probe_us} µs",
+                    under(&systemd),
                     o.verb
                 );
                 let name: &'static str = Box::leak(name.into_boxed_str());
@@ -384,9 +404,12 @@ fn main() -> ExitCode {
                 unit,
                 clients,
                 restarts,
+                name,
+                systemd,
             } => {
                 let command = format!(
-                    "systemd-store: {restarts} × `systemctl restart {unit}` per count of echo clients ({clients:?})"
+                    "systemd-store{}: {restarts} × `systemctl restart {unit}` per count of echo clients ({clients:?})",
+                    under(&systemd)
                 );
                 let o = sdunit::StoreOptions {
                     echo,
@@ -397,7 +420,8 @@ fn main() -> ExitCode {
                         name: unit,
                     },
                 };
-                ("systemd-store", command, sdunit::store(&o).await.map_err(std::io::Error::other))
+                let name: &'static str = Box::leak(name.into_boxed_str());
+                (name, command, sdunit::store(&o).await.map_err(std::io::Error::other))
             }
             Bench::Latency { restarts } => (
                 "latency",
