@@ -218,8 +218,9 @@ where
 }
 
 /// Whether `error` (or an error it was caused by) says that the server never processed the
-/// request: HTTP/2 `REFUSED_STREAM`, or a stream above the last stream id of a graceful GOAWAY
-/// (RFC 9113 §8.7).
+/// request: HTTP/2 `REFUSED_STREAM`, a stream above the last stream id of a graceful GOAWAY
+/// (RFC 9113 §8.7), or a request hyper dropped from a closing connection's queue before it
+/// wrote any of it (`hyper::Error::is_canceled`).
 ///
 /// # Examples
 ///
@@ -230,6 +231,13 @@ where
 pub fn never_processed(error: &(dyn StdError + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(e) = next {
+        // hyper's "canceled": the request was dropped from the connection's queue before a byte
+        // of it was written (the connection closed under it: tonic's channel after a GOAWAY).
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
             return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
                 || (h2.is_go_away()

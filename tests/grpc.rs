@@ -2,7 +2,8 @@
 //! tonic `Channel`, and a task reading `Count` streams, while the service restarts 30 times
 //! (`SHELLFLIP_GRPC_RESTARTS=N` for more).
 //!
-//! What the server can guarantee is asserted: every restart succeeds, every call a generation
+//! Half the unary callers go through `shellflip::client::RetryLayer`: none of their calls may
+//! fail. What the server can guarantee is asserted too: every restart succeeds, every call a generation
 //! took is answered (the calls the generations count at exit are exactly the calls the client
 //! saw succeed), and every stream that started is read to its end from one process. The calls
 //! that fail anyway are printed, classified by status: they are calls the tonic client abandoned
@@ -42,6 +43,9 @@ struct Tally {
     ok: u64,
     /// Failed calls, by status code and message.
     failed: BTreeMap<(String, String), u64>,
+    /// Calls through the retry layer: succeeded, failed.
+    retried_ok: u64,
+    retried_failed: BTreeMap<(String, String), u64>,
     streams_ok: u64,
     /// Streams that failed before their first reply, by code and message.
     streams_refused: BTreeMap<(String, String), u64>,
@@ -52,6 +56,10 @@ struct Tally {
 impl Tally {
     fn failures(&self) -> u64 {
         self.failed.values().sum()
+    }
+
+    fn retried_failures(&self) -> u64 {
+        self.retried_failed.values().sum()
     }
 }
 
@@ -67,6 +75,37 @@ fn key(status: &tonic::Status) -> (String, String) {
     (format!("{:?}", status.code()), message)
 }
 
+/// Both kinds of client, plain and behind the retry layer, as one type.
+/// (Errors are a concrete type: a boxed `dyn Error` in the bounds trips the compiler's check
+/// that the spawned futures are `Send`.)
+type Client = tower::util::BoxCloneService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    tonic::Status,
+>;
+
+/// The channel as it is.
+fn plain(channel: Channel) -> GenerationsClient<Client> {
+    let service = tower::ServiceExt::map_err(channel, |e| tonic::Status::from_error(Box::new(e)));
+    GenerationsClient::new(tower::util::BoxCloneService::new(service))
+}
+
+/// The channel behind `shellflip::client::RetryLayer`, which retries the calls that no server
+/// processed (RFC 9113 §8.7).
+fn retrying(channel: Channel) -> GenerationsClient<Client> {
+    let service = tower::ServiceBuilder::new()
+        .layer(shellflip::client::RetryLayer::new())
+        .map_request(|r: http::Request<http_body_util::Full<bytes::Bytes>>| {
+            r.map(tonic::body::Body::new)
+        })
+        .service(channel);
+    let service = tower::ServiceExt::<http::Request<tonic::body::Body>>::map_err(
+        service,
+        tonic::Status::from_error,
+    );
+    GenerationsClient::new(tower::util::BoxCloneService::new(service))
+}
+
 async fn channel(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
     Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -75,7 +114,9 @@ async fn channel(addr: SocketAddr) -> Result<Channel, tonic::transport::Error> {
 }
 
 /// One `Count` stream, read to its end.
-async fn read_stream(client: &mut GenerationsClient) -> Result<(), Result<tonic::Status, String>> {
+async fn read_stream(
+    client: &mut GenerationsClient<Client>,
+) -> Result<(), Result<tonic::Status, String>> {
     let request = CountRequest {
         count: STREAM_LEN,
         interval_ms: STREAM_INTERVAL_MS,
@@ -147,7 +188,7 @@ async fn grpc_calls_across_restarts() {
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
                 let channel = channel(addr).await.ok()?;
-                let mut client = GenerationsClient::new(channel.clone());
+                let mut client = plain(channel.clone());
                 let hello = HelloRequest {
                     name: "test".into(),
                 };
@@ -160,12 +201,14 @@ async fn grpc_calls_across_restarts() {
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let mut load = Vec::new();
+    // Half the callers as they are, half behind the retry layer, on the same channel.
     for i in 0..CALLERS {
-        let (stop, tally, mut client) = (
-            stop.clone(),
-            tally.clone(),
-            GenerationsClient::new(channel.clone()),
-        );
+        let retried = i % 2 == 1;
+        let mut client = match retried {
+            true => retrying(channel.clone()),
+            false => plain(channel.clone()),
+        };
+        let (stop, tally) = (stop.clone(), tally.clone());
         load.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let result = client
@@ -174,19 +217,17 @@ async fn grpc_calls_across_restarts() {
                     })
                     .await;
                 let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
-                match result {
-                    Ok(_) => t.ok += 1,
-                    Err(status) => *t.failed.entry(key(&status)).or_default() += 1,
+                match (result, retried) {
+                    (Ok(_), false) => t.ok += 1,
+                    (Ok(_), true) => t.retried_ok += 1,
+                    (Err(status), false) => *t.failed.entry(key(&status)).or_default() += 1,
+                    (Err(status), true) => *t.retried_failed.entry(key(&status)).or_default() += 1,
                 }
             }
         }));
     }
     {
-        let (stop, tally, mut client) = (
-            stop.clone(),
-            tally.clone(),
-            GenerationsClient::new(channel.clone()),
-        );
+        let (stop, tally, mut client) = (stop.clone(), tally.clone(), plain(channel.clone()));
         load.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let result = read_stream(&mut client).await;
@@ -248,6 +289,14 @@ async fn grpc_calls_across_restarts() {
         eprintln!("  Hello failed {n:>5} × {code}: {message}");
     }
     eprintln!(
+        "grpc: Hello behind shellflip::client::RetryLayer: {} ok, {} failed",
+        tally.retried_ok,
+        tally.retried_failures()
+    );
+    for ((code, message), n) in &tally.retried_failed {
+        eprintln!("  retried Hello failed {n:>5} × {code}: {message}");
+    }
+    eprintln!(
         "grpc: Count streams: {} read to the end, {} refused before a reply, {} broken; \
          the servers finished {streams_served}",
         tally.streams_ok,
@@ -264,12 +313,18 @@ async fn grpc_calls_across_restarts() {
         "a generation did not report: {served:?}"
     );
     // The first call (before the load) succeeded and was served too.
+    let succeeded = tally.ok + tally.retried_ok + 1;
     assert_eq!(
-        hello_served,
-        tally.ok + 1,
-        "calls a server took and answered ({hello_served}) and calls the client saw succeed ({}) \
-         differ: a call the server processed failed",
-        tally.ok + 1
+        hello_served, succeeded,
+        "calls a server took and answered ({hello_served}) and calls the client saw succeed \
+         ({succeeded}) differ: a call the server processed failed"
+    );
+    // With the client-side answer, no call fails at all.
+    assert_eq!(
+        tally.retried_failures(),
+        0,
+        "calls behind the retry layer failed: {:?}",
+        tally.retried_failed
     );
     assert!(
         tally.streams_broken.is_empty(),
@@ -280,5 +335,8 @@ async fn grpc_calls_across_restarts() {
         streams_served, tally.streams_ok,
         "a finished stream did not reach the client"
     );
-    assert!(tally.ok > 0 && tally.streams_ok > 0, "no load ran");
+    assert!(
+        tally.ok > 0 && tally.retried_ok > 0 && tally.streams_ok > 0,
+        "no load ran"
+    );
 }

@@ -122,13 +122,20 @@ where
     }
 }
 
-/// A client of the service, over a tonic `Channel`.
+/// A client of the service, over a tonic `Channel` (or any service layered over one, such as
+/// one behind `shellflip::client::RetryLayer`).
 #[derive(Clone)]
-pub struct GenerationsClient(tonic::client::Grpc<tonic::transport::Channel>);
+pub struct GenerationsClient<T = tonic::transport::Channel>(tonic::client::Grpc<T>);
 
-impl GenerationsClient {
-    pub fn new(channel: tonic::transport::Channel) -> Self {
-        GenerationsClient(tonic::client::Grpc::new(channel))
+impl<T> GenerationsClient<T>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    pub fn new(inner: T) -> Self {
+        GenerationsClient(tonic::client::Grpc::new(inner))
     }
 
     pub async fn hello(&mut self, request: HelloRequest) -> Result<Response<HelloReply>, Status> {
@@ -154,6 +161,6 @@ impl GenerationsClient {
         (self.0)
             .ready()
             .await
-            .map_err(|e| Status::unknown(format!("service was not ready: {e}")))
+            .map_err(|e| Status::unknown(format!("service was not ready: {}", e.into())))
     }
 }
