@@ -269,14 +269,9 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
 
     let mut parser = lexopt::Parser::from_args(args);
     let mut command: Option<CommandName> = None;
-    let mut socket: Option<PathBuf> = None;
-    let mut timeout = DEFAULT_TIMEOUT;
-    let mut json = false;
-    let mut main_pid: Option<u32> = None;
+    let mut options = Options::default();
     // `help [COMMAND]`: Some(topic) once the word `help` was seen.
     let mut help: Option<Option<CommandName>> = None;
-    // The first control-socket option seen before a command (`run` takes none).
-    let mut control_option: Option<&'static str> = None;
 
     loop {
         let arg = match parser.next() {
@@ -288,68 +283,39 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
             Short('h') | Long("help") => return Ok(Invocation::Help(command.or(help.flatten()))),
             Short('V') | Long("version") => return Ok(Invocation::Version),
             Short('s') | Long("socket") => {
-                let path = parser
-                    .value()
-                    .ok()
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| UsageError::new("--socket needs a path", command))?;
-                socket = Some(PathBuf::from(path));
-                control_option.get_or_insert("--socket");
+                options.socket = Some(socket_value(&mut parser, command)?);
+                options.first.get_or_insert("--socket");
             }
             Long("timeout") => {
                 let value = parser
                     .value()
                     .map_err(|_| UsageError::new("--timeout needs a number of seconds", command))?;
-                timeout = parse_timeout(&value).map_err(|e| UsageError::new(e, command))?;
-                control_option.get_or_insert("--timeout");
+                options.timeout = parse_timeout(&value).map_err(|e| UsageError::new(e, command))?;
+                options.first.get_or_insert("--timeout");
             }
             Long("json") => {
-                json = true;
-                control_option.get_or_insert("--json");
+                options.json = true;
+                options.first.get_or_insert("--json");
             }
             Long("main-pid") => {
-                let value = parser
-                    .value()
-                    .map_err(|_| UsageError::new("--main-pid needs a PID", command))?;
-                let pid = value
-                    .to_str()
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .filter(|pid| *pid > 0)
-                    .ok_or_else(|| {
-                        UsageError::new(format!("--main-pid: {value:?} is not a PID"), command)
-                    })?;
-                main_pid = Some(pid);
-                control_option.get_or_insert("--main-pid");
+                options.main_pid = Some(pid_value(&mut parser, command)?);
+                options.first.get_or_insert("--main-pid");
             }
             Value(word) if command.is_none() && help.is_none() => {
                 if word == "help" {
                     help = Some(None);
-                } else {
-                    let name = CommandName::from_word(&word).ok_or_else(|| {
-                        UsageError::new(
-                            format!("unknown command {word:?} (expected restart, status, await-restart or run)"),
-                            None,
-                        )
-                    })?;
-                    if name == CommandName::Run {
-                        return parse_run(&mut parser, control_option);
-                    }
-                    command = Some(name);
+                    continue;
                 }
+                let name = command_word(&word, "")?;
+                if name == CommandName::Run {
+                    return parse_run(&mut parser, options.first);
+                }
+                command = Some(name);
             }
-            Value(word) if help == Some(None) => {
-                let topic = CommandName::from_word(&word).ok_or_else(|| {
-                    UsageError::new(
-                        format!("help: unknown command {word:?} (expected restart, status, await-restart or run)"),
-                        None,
-                    )
-                })?;
-                help = Some(Some(topic));
-            }
+            Value(word) if help == Some(None) => help = Some(Some(command_word(&word, "help: ")?)),
             other => return Err(UsageError::new(other.unexpected(), command)),
         }
     }
-
     if let Some(topic) = help {
         return Ok(Invocation::Help(topic));
     }
@@ -359,36 +325,98 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, UsageEr
             None,
         ));
     };
-    let socket = socket.ok_or_else(|| UsageError::new("missing --socket PATH", command))?;
-    let command = match name {
-        CommandName::Restart if json => {
+    options.invocation(name)
+}
+
+/// The options of a command that talks to the control socket, as they were given.
+struct Options {
+    socket: Option<PathBuf>,
+    timeout: Duration,
+    json: bool,
+    main_pid: Option<u32>,
+    /// The first of them that was given (`run` takes none).
+    first: Option<&'static str>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            socket: None,
+            timeout: DEFAULT_TIMEOUT,
+            json: false,
+            main_pid: None,
+            first: None,
+        }
+    }
+}
+
+impl Options {
+    /// The command `name` with these options, or why they do not fit it.
+    fn invocation(self, name: CommandName) -> Result<Invocation, UsageError> {
+        let at = Some(name);
+        let socket = self
+            .socket
+            .ok_or_else(|| UsageError::new("missing --socket PATH", at))?;
+        if self.main_pid.is_some() && name != CommandName::AwaitRestart {
+            return Err(UsageError::new("--main-pid is only for await-restart", at));
+        }
+        if self.json && name != CommandName::Status {
             return Err(UsageError::new(
-                "--json is only for status, not restart",
-                command,
+                format!("--json is only for status, not {}", name.as_str()),
+                at,
             ));
         }
-        _ if main_pid.is_some() && name != CommandName::AwaitRestart => {
-            return Err(UsageError::new(
-                "--main-pid is only for await-restart",
-                command,
-            ));
-        }
-        CommandName::AwaitRestart if json => {
-            return Err(UsageError::new(
-                "--json is only for status, not await-restart",
-                command,
-            ));
-        }
-        CommandName::Restart => Command::Restart,
-        CommandName::Status => Command::Status { json },
-        CommandName::Run => unreachable!("`run` is parsed by parse_run"),
-        CommandName::AwaitRestart => Command::AwaitRestart { main_pid },
-    };
-    Ok(Invocation::Run(Args {
-        command,
-        socket,
-        timeout,
-    }))
+        let command = match name {
+            CommandName::Restart => Command::Restart,
+            CommandName::Status => Command::Status { json: self.json },
+            CommandName::AwaitRestart => Command::AwaitRestart {
+                main_pid: self.main_pid,
+            },
+            CommandName::Run => return Err(UsageError::new("run takes a program", at)),
+        };
+        Ok(Invocation::Run(Args {
+            command,
+            socket,
+            timeout: self.timeout,
+        }))
+    }
+}
+
+/// The command a word names; `context` starts the error (`"help: "` after `help`).
+fn command_word(word: &OsStr, context: &str) -> Result<CommandName, UsageError> {
+    CommandName::from_word(word).ok_or_else(|| {
+        UsageError::new(
+            format!(
+                "{context}unknown command {word:?} (expected restart, status, await-restart or run)"
+            ),
+            None,
+        )
+    })
+}
+
+/// The value of `--socket`: a path that is not empty.
+fn socket_value(
+    parser: &mut lexopt::Parser,
+    command: Option<CommandName>,
+) -> Result<PathBuf, UsageError> {
+    parser
+        .value()
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| UsageError::new("--socket needs a path", command))
+}
+
+/// The value of `--main-pid`: a PID above 0.
+fn pid_value(parser: &mut lexopt::Parser, command: Option<CommandName>) -> Result<u32, UsageError> {
+    let value = parser
+        .value()
+        .map_err(|_| UsageError::new("--main-pid needs a PID", command))?;
+    value
+        .to_str()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| UsageError::new(format!("--main-pid: {value:?} is not a PID"), command))
 }
 
 /// Parses what follows `run`; `control_option` is a control-socket option given before it.
