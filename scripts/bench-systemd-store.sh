@@ -36,19 +36,7 @@ CLIENTS=${CLIENTS:-0,1000,10000}
 # there, and the summary prints the limit the service really had.)
 NOFILE=${NOFILE:-65536}
 
-work=""
-cleanup() {
-    set +e
-    container_shutdown
-    [[ -z $work ]] || rm -rf "$work"
-}
-trap cleanup EXIT
-
-if [[ $(id -u) != 0 ]]; then
-    echo "bench-systemd-store: systemd-nspawn needs root" >&2
-    exit 1
-fi
-container_ensure_nspawn
+container_script_start bench-systemd-store
 
 bench_systemd_setup bench-systemd-store
 default_nofile=$(c systemctl show -p LimitNOFILE,LimitNOFILESoft restarter | tr '\n' ' ')

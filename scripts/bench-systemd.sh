@@ -28,19 +28,7 @@ RESTARTS=${RESTARTS:-70}
 REPEATS=${REPEATS:-3}
 CONNECTIONS=${CONNECTIONS:-16}
 
-work=""
-cleanup() {
-    set +e
-    container_shutdown
-    [[ -z $work ]] || rm -rf "$work"
-}
-trap cleanup EXIT
-
-if [[ $(id -u) != 0 ]]; then
-    echo "bench-systemd: systemd-nspawn needs root" >&2
-    exit 1
-fi
-container_ensure_nspawn
+container_script_start bench-systemd
 
 bench_systemd_setup bench-systemd
 

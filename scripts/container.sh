@@ -105,3 +105,24 @@ container_shutdown() {
     [[ -z $CONTAINER_LOG ]] || rm -f "$CONTAINER_LOG"
     CONTAINER_LOG=""
 }
+
+# For a script that boots a container of its own and keeps its files in $work:
+# container_script_start NAME checks that it runs as root (systemd-nspawn needs it) and that
+# systemd-nspawn is there, and installs container_script_cleanup as the EXIT trap, which shuts
+# the container down and removes $work. A script with more to clean up installs its own trap
+# and calls container_script_cleanup from it.
+container_script_cleanup() {
+    set +e
+    container_shutdown
+    [[ -z ${work:-} ]] || rm -rf "$work"
+}
+
+container_script_start() {
+    local name=$1
+    trap container_script_cleanup EXIT
+    if [[ $(id -u) != 0 ]]; then
+        echo "$name: systemd-nspawn needs root" >&2
+        exit 1
+    fi
+    container_ensure_nspawn
+}

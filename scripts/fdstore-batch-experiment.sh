@@ -19,19 +19,7 @@ source scripts/container.sh
 NS=${NS:-1000 3000}
 PERS=${PERS:-1 253}
 
-work=""
-cleanup() {
-    set +e
-    container_shutdown
-    [[ -z $work ]] || rm -rf "$work"
-}
-trap cleanup EXIT
-
-if [[ $(id -u) != 0 ]]; then
-    echo "fdstore-batch-experiment: systemd-nspawn needs root" >&2
-    exit 1
-fi
-container_ensure_nspawn
+container_script_start fdstore-batch-experiment
 work=$(mktemp -d "${TMPDIR:-/tmp}/shellflip-fdbatch.XXXXXX")
 chmod 755 "$work"
 cat >"$work/storer.py" <<'PY'

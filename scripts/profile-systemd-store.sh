@@ -25,7 +25,6 @@ source scripts/bench-systemd-setup.sh
 N=${N:-1000}
 RESTARTS=${RESTARTS:-3}
 
-work=""
 clients_pid=""
 strace_pid=""
 cleanup() {
@@ -35,16 +34,10 @@ cleanup() {
         kill -TERM "$clients_pid" 2>/dev/null
         wait "$clients_pid" 2>/dev/null
     fi
-    container_shutdown
-    [[ -z $work ]] || rm -rf "$work"
+    container_script_cleanup
 }
+container_script_start profile-systemd-store
 trap cleanup EXIT
-
-if [[ $(id -u) != 0 ]]; then
-    echo "profile-systemd-store: systemd-nspawn needs root" >&2
-    exit 1
-fi
-container_ensure_nspawn
 command -v strace >/dev/null || { echo "profile-systemd-store: strace is missing" >&2; exit 1; }
 
 bench_systemd_setup profile-store
