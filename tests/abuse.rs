@@ -26,19 +26,6 @@ use nix::sys::signal::Signal;
 use shellflip::RestartCoordinationSocket;
 use shellflip::control::ControlError;
 
-/// A restart asked for with the library's client, within the deadline.
-async fn try_restart(socket: &Path) -> Result<u32, ControlError> {
-    let ask = async {
-        RestartCoordinationSocket::connect(socket)
-            .await?
-            .send_restart_command()
-            .await
-    };
-    tokio::time::timeout(COMMAND_DEADLINE, ask)
-        .await
-        .unwrap_or(Err(ControlError::Timeout(COMMAND_DEADLINE)))
-}
-
 /// How many restarts the service started so far (every generation logs to the same file).
 fn restarts_started(s: &Service) -> usize {
     s.spawned_pids().len()

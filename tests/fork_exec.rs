@@ -50,16 +50,7 @@ fn restart_by_signal_control_socket_library_client_and_handle() {
     let rt = runtime();
     let socket = s.socket.clone();
     let pid = rt
-        .block_on(async {
-            tokio::time::timeout(COMMAND_DEADLINE, async {
-                shellflip::RestartCoordinationSocket::connect(&socket)
-                    .await?
-                    .send_restart_command()
-                    .await
-            })
-            .await
-        })
-        .expect("no answer from the control socket")
+        .block_on(try_restart(&socket))
         .expect("restart through RestartCoordinationSocket");
     s.note_pid(pid);
     assert_ne!(pid, g2.pid);

@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, DEADLINE, PROTOCOL_VARS, connect, is_running, wait_until};
+use common::{
+    ChildGuard, DEADLINE, PROTOCOL_VARS, connect, is_running, runtime, try_restart, wait_until,
+};
 
 fn main() {
     if std::env::var_os("SF_ROLE").is_some() {
@@ -104,19 +106,7 @@ fn runner() {
         pid_at(addr)
     });
     assert_eq!(pid0, gen0.id());
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let pid1 = runtime
-        .block_on(async {
-            tokio::time::timeout(DEADLINE, async {
-                shellflip::RestartCoordinationSocket::connect(&socket)
-                    .await?
-                    .send_restart_command()
-                    .await
-            })
-            .await
-        })
-        .expect("no answer from the control socket")
-        .expect("restart");
+    let pid1 = runtime().block_on(try_restart(&socket)).expect("restart");
     assert_ne!(pid1, pid0);
     let status = gen0.wait_timeout(DEADLINE).expect("generation 0 to exit");
     assert_eq!(status.code(), Some(0), "generation 0: {status:?}");

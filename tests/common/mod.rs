@@ -932,3 +932,18 @@ pub fn join<T>(t: std::thread::JoinHandle<T>, what: &str) -> T {
     });
     t.join().unwrap_or_else(|_| panic!("{what} panicked"))
 }
+
+/// A restart asked for with the library's client, within [`COMMAND_DEADLINE`].
+pub async fn try_restart(socket: &Path) -> Result<u32, shellflip::control::ControlError> {
+    let ask = async {
+        shellflip::RestartCoordinationSocket::connect(socket)
+            .await?
+            .send_restart_command()
+            .await
+    };
+    tokio::time::timeout(COMMAND_DEADLINE, ask)
+        .await
+        .unwrap_or(Err(shellflip::control::ControlError::Timeout(
+            COMMAND_DEADLINE,
+        )))
+}
